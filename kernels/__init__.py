@@ -1,0 +1,9 @@
+"""Attention and fused kernels, installed as ``sora_dist.kernels``.
+
+Every attention in the model calls ``attention()``; the backend is chosen once at start-up
+with ``set_attention_backend`` (the trainer does this from the device and the config).
+"""
+
+from sora_dist.kernels.attention import BACKENDS, attention, get_attention_backend, set_attention_backend
+
+__all__ = ["BACKENDS", "attention", "get_attention_backend", "set_attention_backend"]

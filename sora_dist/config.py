@@ -1,0 +1,379 @@
+"""Typed experiment config: defaults < YAML file < dotted command-line overrides.
+
+Every section is a dataclass and every field carries a docstring. ``load_config`` builds a
+``Config`` from a YAML file and overrides such as ``--optim.lr=3e-4``; an unknown key, a wrong
+type or an impossible value raises ``ConfigError`` naming the key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from sora_dist.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "debug"
+    """Named size from ``sora_dist.models.PRESETS`` (debug, S, B, L, XL, 1B, 3B, 7B)."""
+    hidden_size: Optional[int] = None
+    """Transformer width; None takes the preset's."""
+    depth: Optional[int] = None
+    """Number of DiT blocks; None takes the preset's."""
+    num_heads: Optional[int] = None
+    """Attention heads; None takes the preset's. Must divide hidden_size."""
+    mlp_ratio: float = 4.0
+    """MLP hidden size as a multiple of hidden_size."""
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    """Spacetime patch (p_t, p_h, p_w) in latent units."""
+    in_channels: Optional[int] = None
+    """Latent channels; None reads them from the dataset manifest."""
+    text_dim: Optional[int] = None
+    """Width of the text-encoder hidden states; None reads it from the dataset manifest."""
+    qk_norm: bool = True
+    """RMS-normalize queries and keys per head (stabilizes bf16 training at scale)."""
+    rope_theta: float = 10000.0
+    """Base of the 3D rotary position frequencies."""
+    attention_backend: str = "auto"
+    """Attention kernel: auto (the device's best), or a name from ``sora_dist.kernels.BACKENDS``."""
+
+
+@dataclass
+class DiffusionConfig:
+    objective: Literal["flow", "ddpm"] = "flow"
+    """Training objective: rectified flow, or DDPM (Ho et al. 2020)."""
+    prediction: Literal["eps", "v"] = "eps"
+    """DDPM only: the network predicts the noise (eps) or the velocity (v)."""
+    schedule: Literal["linear", "cosine"] = "linear"
+    """DDPM only: beta schedule."""
+    num_timesteps: int = 1000
+    """DDPM only: number of discrete diffusion steps."""
+    logit_normal_mean: float = 0.0
+    """Flow only: mean of the logit-normal timestep distribution."""
+    logit_normal_std: float = 1.0
+    """Flow only: std of the logit-normal timestep distribution."""
+    shift: Optional[float] = None
+    """Flow only: fixed timestep shift; None makes it resolution dependent, sqrt(tokens / shift_reference_tokens)."""
+    shift_reference_tokens: int = 256
+    """Flow only: token count at which the resolution-dependent shift is 1."""
+    caption_dropout: float = 0.1
+    """Probability of dropping a sample's caption during training (enables guidance)."""
+    sampler: Literal["euler", "ddpm", "ddim"] = "euler"
+    """Sampler used at the end of training and by ``sora-dist sample``; euler goes with flow."""
+    sample_steps: int = 50
+    """Number of sampling steps (ddpm always uses num_timesteps)."""
+    guidance_scale: float = 4.0
+    """Classifier-free guidance scale; 1.0 disables guidance."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/synthetic"
+    """Folder holding ``manifest.json`` and ``shard-*.tar``."""
+    synthetic_if_missing: bool = False
+    """Write a synthetic dataset at ``path`` when it does not exist (demo use)."""
+    synthetic_samples: int = 768
+    """Number of samples the synthetic dataset gets when created."""
+    tokens_per_batch: int = 4096
+    """Token budget per micro-batch; the batch size of each shape bucket follows from it."""
+    max_batch_size: int = 64
+    """Upper bound on samples per micro-batch, whatever the token budget allows."""
+    max_text_len: int = 64
+    """Text embeddings longer than this are truncated; batches are padded to their longest caption."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank."""
+    shuffle_buffer: int = 256
+    """Samples held in the shuffle buffer of each worker."""
+    seed: int = 0
+    """Seed of the per-epoch shard order and sample shuffle."""
+    on_corrupt: Literal["skip", "stop"] = "skip"
+    """A corrupt sample is skipped and counted, or stops the run with its path."""
+
+
+@dataclass
+class ParallelConfig:
+    device: Literal["auto", "cuda", "npu", "cpu"] = "auto"
+    """Accelerator; auto picks cuda, then npu, then cpu. The SORA_DIST_DEVICE variable overrides it."""
+    dp_replicate: int = 1
+    """Replicated data-parallel degree (outermost mesh dimension)."""
+    dp_shard: int = -1
+    """Sharded data-parallel degree; -1 fills what the other degrees leave of the world size."""
+    sp_ring: int = 1
+    """Ring-attention sequence-parallel degree."""
+    sp_ulysses: int = 1
+    """Ulysses all-to-all sequence-parallel degree."""
+    tp: int = 1
+    """Tensor-parallel degree (innermost mesh dimension)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    """Peak learning rate of AdamW."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay, applied to matrices only (not norms, biases or embeddings' scales)."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 to ``lr``."""
+    schedule: Literal["cosine", "constant"] = "constant"
+    """LR after warmup: cosine decay to ``min_lr_ratio * lr`` at the last step, or constant."""
+    min_lr_ratio: float = 0.1
+    """Final LR of the cosine schedule as a fraction of ``lr``."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    ema_decay: float = 0.9999
+    """Decay of the exponential moving average of the weights; 0 disables EMA."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps to run."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    seed: int = 0
+    """Seed for weights, noise and timesteps."""
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto is bf16 autocast on GPU/NPU and fp32 on CPU."""
+    out_dir: str = "runs/default"
+    """Run folder: resolved config, metrics, TensorBoard events, weights, samples."""
+    max_minutes: float = 0.0
+    """Stop after this many minutes of training (0: no limit); the run still ends normally."""
+    sample_at_end: bool = False
+    """After training, sample a clip and save a PNG grid of its frames and a loss plot."""
+    sample_caption: str = ""
+    """Caption to sample at the end; empty takes the first caption of the dataset."""
+    sample_shape: tuple[int, int, int] = (8, 16, 16)
+    """Latent (T, h, w) of the clip sampled at the end."""
+
+
+@dataclass
+class CheckpointConfig:
+    save_final: bool = True
+    """Write the final weights (and EMA weights) as safetensors with the config into out_dir."""
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    """Steps between progress lines and metric records."""
+    tensorboard: bool = True
+    """Write TensorBoard events to out_dir/tb."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a Config from defaults, then the YAML file at ``path``, then ``key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist: pass an existing YAML file to --config")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        key, value = _parse_override(item)
+        section, _, name = key.partition(".")
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"section '{section}' must be a mapping, got {raw[section]!r}")
+        raw[section][name] = value
+    cfg = _build(Config, raw, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    text = item[2:] if item.startswith("--") else item
+    key, sep, value = text.partition("=")
+    if not sep or "." not in key:
+        raise ConfigError(
+            f"override {item!r} is not of the form --section.key=value (e.g. --optim.lr=3e-4)"
+        )
+    return key, yaml.safe_load(value) if value != "" else ""
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'.{hint} Valid keys here: {', '.join(fields)}"
+            )
+    values = {}
+    for name in fields:
+        if name not in raw:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, raw[name], prefix=f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(raw[name], hint, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{key}={value!r} is not allowed: choose one of {choices}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}={value!r} must be a list of {len(args)} values, e.g. {list(_example(args))}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return value
+    raise AssertionError(f"config field {key} has an unsupported type {hint}")
+
+
+def _example(args: tuple) -> tuple:
+    return tuple(1 if a is int else 1.0 if a is float else "x" for a in args)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (it loads back with ``load_config``)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of values and combinations
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Check values that types cannot express; raises ConfigError naming key, value and fix."""
+    from sora_dist.models import PRESETS  # local: models import config types
+
+    m = cfg.model
+    _require(
+        m.preset in PRESETS,
+        f"model.preset={m.preset!r} is unknown: choose one of {', '.join(PRESETS)}",
+    )
+    preset = PRESETS[m.preset]
+    hidden = m.hidden_size or preset["hidden_size"]
+    heads = m.num_heads or preset["num_heads"]
+    for key, value in (("hidden_size", hidden), ("depth", m.depth or preset["depth"]), ("num_heads", heads)):
+        _require(value > 0, f"model.{key}={value} must be positive")
+    if hidden % heads:
+        divisors = [d for d in range(1, hidden + 1) if hidden % d == 0 and (hidden // d) % 2 == 0][-8:]
+        raise ConfigError(
+            f"model.num_heads={heads} does not divide model.hidden_size={hidden}: "
+            f"choose num_heads from {divisors} or change hidden_size"
+        )
+    head_dim = hidden // heads
+    _require(
+        head_dim % 2 == 0 and head_dim >= 6,
+        f"head dimension hidden_size/num_heads = {head_dim} must be even and at least 6 for 3D RoPE: "
+        f"lower model.num_heads",
+    )
+    _require(m.mlp_ratio > 0, f"model.mlp_ratio={m.mlp_ratio} must be positive")
+    _require(all(p > 0 for p in m.patch_size), f"model.patch_size={list(m.patch_size)} must be positive")
+
+    d = cfg.diffusion
+    _require(d.num_timesteps >= 2, f"diffusion.num_timesteps={d.num_timesteps} must be at least 2")
+    _require(0.0 <= d.caption_dropout < 1.0, f"diffusion.caption_dropout={d.caption_dropout} must be in [0, 1)")
+    _require(d.logit_normal_std > 0, f"diffusion.logit_normal_std={d.logit_normal_std} must be positive")
+    _require(d.shift is None or d.shift > 0, f"diffusion.shift={d.shift} must be positive (or null for auto)")
+    _require(d.sample_steps >= 1, f"diffusion.sample_steps={d.sample_steps} must be at least 1")
+    flow_sampler = d.sampler == "euler"
+    _require(
+        flow_sampler == (d.objective == "flow"),
+        f"diffusion.sampler={d.sampler!r} does not go with diffusion.objective={d.objective!r}: "
+        f"use sampler 'euler' with 'flow', and 'ddpm' or 'ddim' with 'ddpm'",
+    )
+
+    data = cfg.data
+    _require(data.tokens_per_batch > 0, f"data.tokens_per_batch={data.tokens_per_batch} must be positive")
+    _require(data.max_batch_size > 0, f"data.max_batch_size={data.max_batch_size} must be positive")
+    _require(data.max_text_len > 0, f"data.max_text_len={data.max_text_len} must be positive")
+    _require(data.num_workers >= 0, f"data.num_workers={data.num_workers} must be >= 0")
+
+    p = cfg.parallel
+    for key in ("dp_replicate", "sp_ring", "sp_ulysses", "tp"):
+        value = getattr(p, key)
+        _require(value >= 1, f"parallel.{key}={value} must be >= 1")
+    _require(p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard={p.dp_shard} must be >= 1 or -1 (fill)")
+
+    o = cfg.optim
+    _require(o.lr > 0, f"optim.lr={o.lr} must be positive")
+    _require(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    _require(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    _require(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0 (0 disables clipping)")
+    _require(0.0 <= o.ema_decay < 1.0, f"optim.ema_decay={o.ema_decay} must be in [0, 1) (0 disables EMA)")
+
+    t = cfg.train
+    _require(t.steps >= 1, f"train.steps={t.steps} must be at least 1")
+    _require(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be at least 1")
+    _require(all(s >= 1 for s in t.sample_shape), f"train.sample_shape={list(t.sample_shape)} must be positive")
+    _require(cfg.logging.log_every >= 1, f"logging.log_every={cfg.logging.log_every} must be at least 1")

@@ -1,0 +1,92 @@
+"""Training objectives. Each takes the denoiser, clean latents and text, and returns the
+per-sample loss. Random draws come from an explicit generator so that every rank of a
+sequence-parallel group can draw the same timesteps and noise."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+from sora_dist.config import DiffusionConfig
+from sora_dist.diffusion.schedules import DDPMSchedule, resolution_shift, shift_time
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def drop_captions(text_mask: torch.Tensor, probability: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Mask out every text token of a random fraction of the samples (classifier-free training)."""
+    if probability == 0:
+        return text_mask
+    keep = torch.rand(text_mask.shape[0], generator=generator, device=text_mask.device) >= probability
+    return text_mask & keep[:, None]
+
+
+def _mean_per_sample(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).mean(dim=1)
+
+
+class DDPMObjective:
+    """Algorithm 1 of Ho et al. (2020): x_t = sqrt(ab) x0 + sqrt(1-ab) eps, regress eps or v."""
+
+    def __init__(self, schedule: DDPMSchedule, prediction: str, caption_dropout: float):
+        self.schedule = schedule
+        self.prediction = prediction
+        self.caption_dropout = caption_dropout
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+        if self.prediction == "eps":
+            return noise
+        return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0  # v (Salimans & Ho 2022)
+
+    def loss(self, model: Denoiser, x0, text, text_mask, generator=None) -> torch.Tensor:
+        b = x0.shape[0]
+        t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        alpha_bar = self.schedule.alpha_bar(t, x0)
+        x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+        mask = drop_captions(text_mask, self.caption_dropout, generator)
+        prediction = model(x_t, t.to(x0.dtype), text, mask)
+        return _mean_per_sample((prediction.float() - self.target(x0, noise, alpha_bar).float()) ** 2)
+
+
+class FlowObjective:
+    """Rectified flow: x_t = (1 - t) x0 + t noise, regress the velocity noise - x0.
+
+    t follows a logit-normal law (SD3), warped by a shift that grows with the token count.
+    The network sees t * 1000, the same range as DDPM timesteps.
+    """
+
+    def __init__(self, cfg: DiffusionConfig, patch_size: tuple[int, int, int]):
+        self.mean, self.std = cfg.logit_normal_mean, cfg.logit_normal_std
+        self.fixed_shift, self.reference_tokens = cfg.shift, cfg.shift_reference_tokens
+        self.caption_dropout = cfg.caption_dropout
+        self.patch_volume = math.prod(patch_size)
+
+    def shift_for(self, latent_shape: tuple[int, ...]) -> float:
+        """Shift for a latent (..., T, h, w), from the fixed value or its token count."""
+        if self.fixed_shift is not None:
+            return self.fixed_shift
+        tokens = math.prod(latent_shape[-3:]) / self.patch_volume
+        return resolution_shift(tokens, self.reference_tokens)
+
+    def sample_t(self, batch: int, shift: float, device, generator=None) -> torch.Tensor:
+        u = torch.sigmoid(self.mean + self.std * torch.randn(batch, generator=generator, device=device))
+        return shift_time(u, shift)
+
+    def loss(self, model: Denoiser, x0, text, text_mask, generator=None) -> torch.Tensor:
+        b = x0.shape[0]
+        t = self.sample_t(b, self.shift_for(x0.shape), x0.device, generator).to(x0.dtype)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t_b = t.view(-1, *([1] * (x0.dim() - 1)))
+        x_t = (1 - t_b) * x0 + t_b * noise
+        mask = drop_captions(text_mask, self.caption_dropout, generator)
+        prediction = model(x_t, t * 1000, text, mask)
+        return _mean_per_sample((prediction.float() - (noise - x0).float()) ** 2)
+
+
+def build_objective(cfg: DiffusionConfig, patch_size: tuple[int, int, int]):
+    if cfg.objective == "flow":
+        return FlowObjective(cfg, patch_size)
+    return DDPMObjective(DDPMSchedule(cfg.schedule, cfg.num_timesteps), cfg.prediction, cfg.caption_dropout)

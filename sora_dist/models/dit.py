@@ -1,0 +1,270 @@
+"""A video diffusion transformer over spacetime latent patches. Single-device PyTorch.
+
+Latents (B, C, T, h, w) are cut into (p_t, p_h, p_w) patches: the tokens. An image is a
+one-frame video and takes the same path. Positions are 3D rotary embeddings computed from the
+patch grid at every call, so any duration, resolution and aspect ratio works without retraining.
+Each block: adaLN-Zero modulated self-attention (QK-norm, RoPE), cross-attention to the text
+tokens with a padding mask, and an adaLN-Zero modulated MLP (Peebles & Xie 2023, PixArt-alpha).
+
+No torch.distributed and no device strings here: parallelism is applied from outside
+(sora_dist.parallel), and attribute names are API for its tensor-parallel plan.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sora_dist.kernels import attention
+
+TIMESTEP_FREQ_DIM = 256
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Fully resolved model hyper-parameters (see sora_dist.config.ModelConfig for the docs)."""
+
+    in_channels: int
+    text_dim: int
+    hidden_size: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    qk_norm: bool = True
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def patch_volume(self) -> int:
+        p_t, p_h, p_w = self.patch_size
+        return p_t * p_h * p_w
+
+    def grid(self, latent_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        """Patch grid (T', h', w') of a latent (T, h, w); partial patches are padded."""
+        return tuple(-(-size // patch) for size, patch in zip(latent_shape, self.patch_size))
+
+    def num_tokens(self, latent_shape: tuple[int, int, int]) -> int:
+        return math.prod(self.grid(latent_shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# Positions: 3D rotary embedding
+
+
+def rope_dims(head_dim: int) -> tuple[int, int, int]:
+    """Split of a head's channels between time, height and width (each even)."""
+    d_hw = 2 * (head_dim // 6)
+    return head_dim - 2 * d_hw, d_hw, d_hw
+
+
+def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles of every token, each (N, head_dim / 2), N = T'h'w'."""
+    per_axis = []
+    for size, dim in zip(grid, rope_dims(head_dim)):
+        freqs = theta ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)  # (dim/2,)
+        per_axis.append(torch.outer(torch.arange(size, device=device, dtype=torch.float32), freqs))
+    t, h, w = grid
+    angles = torch.cat(
+        [
+            per_axis[0][:, None, None, :].expand(t, h, w, -1),
+            per_axis[1][None, :, None, :].expand(t, h, w, -1),
+            per_axis[2][None, None, :, :].expand(t, h, w, -1),
+        ],
+        dim=-1,
+    ).reshape(t * h * w, head_dim // 2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i+1) of x (B, H, N, D) by the angles of each token."""
+    x_pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, N, D/2, 2)
+    x1, x2 = x_pairs[..., 0], x_pairs[..., 1]
+    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of the (continuous) timestep, then an MLP."""
+
+    def __init__(self, hidden_size: int, freq_dim: int = TIMESTEP_FREQ_DIM):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    @staticmethod
+    def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = t.float()[:, None] * freqs[None]  # (B, half)
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        features = self.sinusoidal(t, self.freq_dim).to(self.mlp[0].weight.dtype)
+        return self.mlp(features)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with optional QK-norm; self-attention when ``context`` is None.
+
+    Heads are inferred from the projection's output width, so a tensor-parallel plan that
+    shards to_q/to_k/to_v column-wise leaves each rank with its local heads.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool):
+        super().__init__()
+        self.head_dim = hidden_size // num_heads
+        self.to_q = nn.Linear(hidden_size, hidden_size)
+        self.to_k = nn.Linear(hidden_size, hidden_size)
+        self.to_v = nn.Linear(hidden_size, hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)  # (B, N, D) -> (B, H, N, Dh)
+
+    def forward(self, x, rope=None, context=None, context_mask=None):
+        source = x if context is None else context
+        q = self.q_norm(self._heads(self.to_q(x)))
+        k = self.k_norm(self._heads(self.to_k(source)))
+        v = self._heads(self.to_v(source))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = attention(q, k, v, context_mask)  # (B, H, N, Dh)
+        return self.proj(out.transpose(1, 2).flatten(2))  # (B, N, D)
+
+
+class Mlp(nn.Module):
+    def __init__(self, hidden_size: int, mlp_hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, mlp_hidden)
+        self.fc2 = nn.Linear(mlp_hidden, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(d, cfg.num_heads, cfg.qk_norm)
+        self.norm2 = nn.LayerNorm(d, eps=1e-6)
+        self.cross_attn = Attention(d, cfg.num_heads, cfg.qk_norm)
+        self.norm3 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(d, cfg.mlp_hidden)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+
+    def forward(self, x, c, context, context_mask, rope):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=rope)
+        x = x + self.cross_attn(self.norm2(x), context=context, context_mask=context_mask)
+        x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden_size, 2 * cfg.hidden_size))
+        self.linear = nn.Linear(cfg.hidden_size, cfg.patch_volume * cfg.in_channels)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class VideoDiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.x_embedder = nn.Linear(cfg.in_channels * cfg.patch_volume, d)
+        self.t_embedder = TimestepEmbedder(d)
+        self.text_embedder = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        # An always-visible context token: a sample whose caption was dropped (all text masked)
+        # attends to it alone, which is the unconditional model of classifier-free guidance.
+        self.null_text = nn.Parameter(torch.empty(1, 1, d))
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """DiT's initialization; also materializes a model built on the meta device."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()
+        for linear in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.text_embedder[0], self.text_embedder[2]):
+            nn.init.normal_(linear.weight, std=0.02)
+        nn.init.normal_(self.null_text, std=0.02)
+        # adaLN-Zero: every block starts as the identity, and the output starts at zero.
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for linear in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, h, w) -> (B, N, C*p_t*p_h*p_w); sizes that do not divide are zero-padded."""
+        b, c, t, h, w = x.shape
+        (gt, gh, gw), (pt, ph, pw) = self.cfg.grid((t, h, w)), self.cfg.patch_size
+        x = F.pad(x, (0, gw * pw - w, 0, gh * ph - h, 0, gt * pt - t))
+        x = x.reshape(b, c, gt, pt, gh, ph, gw, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        return x.reshape(b, gt * gh * gw, c * pt * ph * pw)
+
+    def unpatchify(self, tokens: torch.Tensor, latent_shape: tuple[int, int, int]) -> torch.Tensor:
+        """(B, N, C*p_t*p_h*p_w) -> (B, C, T, h, w), cropping the padding of ``patchify``."""
+        b = tokens.shape[0]
+        t, h, w = latent_shape
+        (gt, gh, gw), (pt, ph, pw) = self.cfg.grid(latent_shape), self.cfg.patch_size
+        x = tokens.reshape(b, gt, gh, gw, -1, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
+        return x.reshape(b, -1, gt * pt, gh * ph, gw * pw)[:, :, :t, :h, :w]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Predict the diffusion target for noised latents.
+
+        x: (B, C, T, h, w) noised latents; t: (B,) timestep in [0, 1000];
+        text: (B, L, text_dim) text-encoder states; text_mask: (B, L) bool, True for real tokens.
+        Returns (B, C, T, h, w).
+        """
+        b, _, t_len, h, w = x.shape
+        grid = self.cfg.grid((t_len, h, w))
+        tokens = self.x_embedder(self.patchify(x))  # (B, N, D)
+        c = self.t_embedder(t)  # (B, D)
+        context = torch.cat([self.null_text.expand(b, -1, -1), self.text_embedder(text)], dim=1)  # (B, 1+L, D)
+        context_mask = torch.cat([text_mask.new_ones(b, 1), text_mask], dim=1)  # (B, 1+L)
+        rope = rope_angles(grid, self.cfg.head_dim, self.cfg.rope_theta, x.device)
+        for block in self.blocks:
+            tokens = block(tokens, c, context, context_mask, rope)
+        return self.unpatchify(self.final_layer(tokens, c), (t_len, h, w))
