@@ -1,0 +1,135 @@
+"""``sora-dist`` command line: train | sample | make-synthetic | inspect."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from sora_dist.errors import SoraDistError
+
+log = logging.getLogger("sora_dist")
+
+
+def setup_logging() -> None:
+    """INFO on rank 0, warnings only on the other ranks."""
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[%(asctime)s rank{rank}] %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
+    from sora_dist.config import load_config
+    from sora_dist.trainer import train
+
+    summary = train(load_config(args.config, overrides))
+    if "first_loss" in summary:
+        log.info(
+            "done: %d steps in %.0f s; loss %.4f (first tenth) -> %.4f (last tenth)",
+            summary["steps"], summary["seconds"], summary["first_loss"], summary["last_loss"],
+        )
+
+
+def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> None:
+    from safetensors.torch import load_file
+
+    from sora_dist import device as device_lib
+    from sora_dist.config import load_config
+    from sora_dist.data import LatentLoader
+    from sora_dist.diffusion import build_objective
+    from sora_dist.errors import ConfigError
+    from sora_dist.sampling import caption_embedding, generate
+    from sora_dist.trainer import build_model
+    from sora_dist.visualize import save_frame_grid
+
+    run = Path(args.run)
+    cfg = load_config(run / "config.yaml", overrides)
+    weights = run / ("model.safetensors" if args.raw else "ema.safetensors")
+    if not weights.is_file():
+        raise ConfigError(f"{weights} does not exist: train with checkpoint.save_final=true (and optim.ema_decay > 0 unless --raw)")
+    dev = device_lib.detect(cfg.parallel.device)
+    loader = LatentLoader(cfg.data, cfg.model.patch_size)
+    model = build_model(cfg, cfg.model.in_channels, cfg.model.text_dim, dev.torch_device)
+    model.load_state_dict(load_file(str(weights), device=str(dev.torch_device)))
+    objective = build_objective(cfg.diffusion, model.cfg.patch_size)
+    caption, text = caption_embedding(loader.manifest, loader, args.caption)
+    latents = generate(cfg, model, objective, text, args.num, args.seed, dev.torch_device)
+    out = Path(args.out or run / "sample_cli.png")
+    save_frame_grid(list(latents), [f"{caption}\n(seed {args.seed}, #{i})" for i in range(len(latents))], out)
+    log.info("sampled %d clips of %r -> %s", len(latents), caption, out)
+
+
+def cmd_make_synthetic(args: argparse.Namespace, overrides: list[str]) -> None:
+    from sora_dist.data import make_synthetic, read_manifest
+
+    make_synthetic(args.out, args.samples, args.seed, args.samples_per_shard)
+    manifest = read_manifest(args.out)
+    log.info("%s: %d samples in %d shards", args.out, manifest.num_samples, len(manifest.shards))
+
+
+def cmd_inspect(args: argparse.Namespace, overrides: list[str]) -> None:
+    from sora_dist.data import read_manifest
+
+    manifest = read_manifest(args.dir)
+    print(f"dataset        {args.dir}")
+    print(f"samples        {manifest.num_samples} in {len(manifest.shards)} shards")
+    print(f"latent         {manifest.latent_channels} channels, scaling {manifest.scaling_factor}, shift {manifest.shift_factor}")
+    print(f"text           width {manifest.text_dim}")
+    print(f"vae            {manifest.vae or '?'} (compression {manifest.compression})")
+    print(f"text encoder   {manifest.text_encoder or '?'}")
+    print("shapes (T x h x w)       samples   share")
+    for shape, count in sorted(manifest.shapes.items(), key=lambda kv: -kv[1]):
+        print(f"  {shape:<22} {count:>8}   {count / manifest.num_samples:6.1%}  {'#' * round(40 * count / manifest.num_samples)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sora-dist", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a video DiT; extra --section.key=value arguments override the config")
+    p.add_argument("--config", required=True, help="YAML experiment file, e.g. configs/demo.yaml")
+    p.set_defaults(func=cmd_train, overrides_allowed=True)
+
+    p = sub.add_parser("sample", help="sample clips from a finished run and save a PNG grid of their frames")
+    p.add_argument("--run", required=True, help="run folder (train.out_dir) holding config.yaml and weights")
+    p.add_argument("--caption", default="", help="caption to sample (default: the dataset's first)")
+    p.add_argument("--num", type=int, default=2, help="clips to sample")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--out", default="", help="PNG path (default: RUN/sample_cli.png)")
+    p.set_defaults(func=cmd_sample, overrides_allowed=True)
+
+    p = sub.add_parser("make-synthetic", help="write a synthetic dataset of moving coloured blobs")
+    p.add_argument("--out", required=True)
+    p.add_argument("--samples", type=int, default=768)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples-per-shard", type=int, default=64)
+    p.set_defaults(func=cmd_make_synthetic, overrides_allowed=False)
+
+    p = sub.add_parser("inspect", help="print a dataset's manifest and shape histogram")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_inspect, overrides_allowed=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not args.overrides_allowed:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    setup_logging()
+    try:
+        args.func(args, extra)
+    except SoraDistError as err:
+        log.error("%s: %s", type(err).__name__, err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

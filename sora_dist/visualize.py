@@ -1,0 +1,53 @@
+"""Pictures a person would rather see than read: sampled frames and the loss curve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def latent_to_rgb(frame: np.ndarray) -> np.ndarray:
+    """(C, h, w) latent frame -> (h, w, 3) in [0, 1], showing channels 0-2 as RGB.
+
+    Real latents need the VAE decoder to become pixels; this view is for inspecting latents
+    whose first channels carry colour, like the synthetic blobs.
+    """
+    return np.clip((np.transpose(frame[:3], (1, 2, 0)) + 1) / 2, 0, 1)
+
+
+def save_frame_grid(clips: Sequence[np.ndarray], labels: Sequence[str], path: str | Path) -> None:
+    """One row per clip (C, T, h, w), one column per frame, labelled on the left."""
+    frames = max(c.shape[1] for c in clips)
+    fig, axes = plt.subplots(len(clips), frames, figsize=(1.4 * frames + 0.6, 1.6 * len(clips) + 0.4), squeeze=False)
+    for row, (clip, label) in enumerate(zip(clips, labels)):
+        for col in range(frames):
+            ax = axes[row][col]
+            ax.set_xticks([]), ax.set_yticks([])
+            if col < clip.shape[1]:
+                ax.imshow(latent_to_rgb(clip[:, col]), interpolation="nearest")
+            if row == 0:
+                ax.set_title(f"frame {col}", fontsize=8)
+        axes[row][0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_loss_plot(steps: Sequence[int], losses: Sequence[float], path: str | Path, title: str = "training loss") -> None:
+    """Loss per logged step and its running mean over ten records."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, alpha=0.4, label="loss")
+    if len(losses) >= 10:
+        smooth = np.convolve(losses, np.ones(10) / 10, mode="valid")
+        ax.plot(steps[9:], smooth, label="running mean (10)")
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_title(title)
+    ax.grid(alpha=0.3), ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
