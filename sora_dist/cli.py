@@ -57,7 +57,7 @@ def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> None:
     model = build_model(cfg, cfg.model.in_channels, cfg.model.text_dim, dev.torch_device)
     model.load_state_dict(load_file(str(weights), device=str(dev.torch_device)))
     objective = build_objective(cfg.diffusion, model.cfg.patch_size)
-    caption, text = caption_embedding(loader.manifest, loader, args.caption)
+    caption, text = caption_embedding(loader.manifest, loader, args.caption or cfg.train.sample_caption)
     latents = generate(cfg, model, objective, text, args.num, args.seed, dev.torch_device)
     out = Path(args.out or run / "sample_cli.png")
     save_frame_grid(list(latents), [f"{caption}\n(seed {args.seed}, #{i})" for i in range(len(latents))], out)
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="sample clips from a finished run and save a PNG grid of their frames")
     p.add_argument("--run", required=True, help="run folder (train.out_dir) holding config.yaml and weights")
-    p.add_argument("--caption", default="", help="caption to sample (default: the dataset's first)")
+    p.add_argument("--caption", default="", help="caption to sample (default: the run's train.sample_caption, else the dataset's first)")
     p.add_argument("--num", type=int, default=2, help="clips to sample")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")

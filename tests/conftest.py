@@ -1,0 +1,17 @@
+import os
+
+# Single-process tests use both cores; multi-process tests pass OMP_NUM_THREADS=1 to their workers.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+    """A small synthetic dataset shared by the data and training tests (read-only)."""
+    from sora_dist.data import make_synthetic
+
+    return make_synthetic(tmp_path_factory.mktemp("data") / "blobs", num_samples=96, seed=0, samples_per_shard=16)

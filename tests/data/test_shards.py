@@ -1,0 +1,236 @@
+import io
+import json
+import logging
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from sora_dist.config import DataConfig
+from sora_dist.data import LatentLoader, Sample, ShardWriter, batch_size_for, read_manifest
+from sora_dist.data.format import MANIFEST_NAME
+from sora_dist.errors import DataError
+
+PATCH = (1, 2, 2)
+
+
+def make_samples(n, seed=0):
+    rng = np.random.default_rng(seed)
+    shapes = [(1, 4, 6), (3, 4, 4), (2, 6, 4)]
+    out = []
+    for i in range(n):
+        shape = shapes[i % len(shapes)]
+        text_len = 2 + i % 5
+        out.append(Sample(
+            key=f"k{i:05d}",
+            latent=rng.standard_normal((3, *shape)).astype(np.float16),
+            text=rng.standard_normal((text_len, 8)).astype(np.float16),
+            meta={"caption": f"caption {i}"},
+        ))
+    return out
+
+
+def write_dataset(path, samples, per_shard=5):
+    with ShardWriter(path, samples_per_shard=per_shard, vae="test-vae") as writer:
+        for s in samples:
+            writer.write(s)
+    return path
+
+
+def loader(path, **overrides):
+    settings = {"num_workers": 0, "shuffle_buffer": 4, "tokens_per_batch": 48, "max_batch_size": 3, **overrides}
+    cfg = DataConfig(path=str(path), **settings)
+    return LatentLoader(cfg, PATCH)
+
+
+def all_batches(ld, epoch=0):
+    return list(ld.epoch_batches(epoch))
+
+
+def test_round_trip_preserves_every_array_and_caption(tmp_path):
+    samples = make_samples(23)
+    write_dataset(tmp_path / "ds", samples)
+    manifest = read_manifest(tmp_path / "ds")
+    assert manifest.num_samples == 23 and len(manifest.shards) == 5
+    assert manifest.shapes == {"1x4x6": 8, "3x4x4": 8, "2x6x4": 7}
+    assert (manifest.latent_channels, manifest.text_dim, manifest.vae) == (3, 8, "test-vae")
+    by_key = {s.key: s for s in samples}
+    seen = 0
+    for batch in all_batches(loader(tmp_path / "ds")):
+        for i, key in enumerate(batch.keys):
+            original = by_key[key]
+            np.testing.assert_array_equal(batch.latents[i].numpy(), original.latent.astype(np.float32))
+            length = int(batch.text_mask[i].sum())
+            assert length == original.text.shape[0]
+            np.testing.assert_array_equal(batch.text[i, :length].numpy(), original.text.astype(np.float32))
+            assert (batch.text[i, length:] == 0).all()  # padding is zero and masked
+            assert batch.captions[i] == original.meta["caption"]
+            seen += 1
+    assert seen == 23
+
+
+def test_batches_hold_one_shape_and_follow_the_token_budget(tmp_path):
+    write_dataset(tmp_path / "ds", make_samples(60))
+    ld = loader(tmp_path / "ds")
+    sizes = Counter()
+    for batch in all_batches(ld):
+        shape = tuple(batch.latents.shape[2:])
+        full = batch_size_for(shape, PATCH, ld.cfg)
+        assert len(batch.keys) <= full
+        sizes[(shape, len(batch.keys) == full)] += 1
+    # (1,4,6) -> 6 tokens -> 8 by budget, capped at 3; (3,4,4) -> 12 tokens -> 4, capped at 3; (2,6,4) -> 12 -> 3.
+    assert batch_size_for((1, 4, 6), PATCH, ld.cfg) == 3
+    assert batch_size_for((3, 4, 4), PATCH, DataConfig(tokens_per_batch=48, max_batch_size=64)) == 4
+    # Each bucket of 20 samples gives six full batches and one partial batch at the epoch's end.
+    assert all(sizes[(shape, True)] == 6 and sizes[(shape, False)] == 1 for shape in [(1, 4, 6), (3, 4, 4), (2, 6, 4)])
+
+
+@pytest.mark.parametrize("num_workers, dp_size", [(0, 1), (2, 1), (2, 2), (1, 3)])
+def test_every_sample_once_per_epoch_across_ranks_and_workers(tmp_path, num_workers, dp_size):
+    write_dataset(tmp_path / "ds", make_samples(40), per_shard=4)
+    keys = Counter()
+    for rank in range(dp_size):
+        cfg = DataConfig(path=str(tmp_path / "ds"), num_workers=num_workers, shuffle_buffer=8, tokens_per_batch=48, max_batch_size=3)
+        rank_keys = [k for b in LatentLoader(cfg, PATCH, dp_rank=rank, dp_size=dp_size).epoch_batches(0) for k in b.keys]
+        assert rank_keys, f"rank {rank} got nothing"
+        keys.update(rank_keys)
+    assert keys == Counter(f"k{i:05d}" for i in range(40))
+
+
+def test_epochs_reshuffle(tmp_path):
+    write_dataset(tmp_path / "ds", make_samples(40), per_shard=4)
+    ld = loader(tmp_path / "ds")
+    first = [k for b in all_batches(ld, 0) for k in b.keys]
+    second = [k for b in all_batches(ld, 1) for k in b.keys]
+    assert sorted(first) == sorted(second) and first != second
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def add_members(shard, members):
+    """Append raw members to an existing (closed) tar shard."""
+    with tarfile.open(shard, "a") as tar:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def npy(array, allow_pickle=False):
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=allow_pickle)
+    return buffer.getvalue()
+
+
+def good_members(key, latent=None, meta_shape=None):
+    latent = np.zeros((3, 1, 4, 6), np.float16) if latent is None else latent
+    return {
+        f"{key}.latent.npy": npy(latent),
+        f"{key}.text.npy": npy(np.zeros((2, 8), np.float16)),
+        f"{key}.json": json.dumps({"latent_shape": meta_shape or list(latent.shape)}).encode(),
+    }
+
+
+def bump_manifest(root, shard_name, extra):
+    """Keep the manifest consistent with samples appended to a shard."""
+    path = root / MANIFEST_NAME
+    raw = json.loads(path.read_text())
+    for shard in raw["shards"]:
+        if shard["name"] == shard_name:
+            shard["samples"] += extra
+    raw["shapes"]["1x4x6"] += extra
+    path.write_text(json.dumps(raw))
+
+
+CORRUPTIONS = {
+    "garbage-npy": lambda key: {**good_members(key), f"{key}.latent.npy": b"not a numpy file"},
+    "pickled-npy": lambda key: {**good_members(key), f"{key}.latent.npy": npy(np.array([{"evil": 1}], dtype=object), allow_pickle=True)},
+    "nan-latent": lambda key: good_members(key, latent=np.full((3, 1, 4, 6), np.nan, np.float16)),
+    "shape-mismatch": lambda key: good_members(key, meta_shape=[3, 1, 4, 7]),
+    "bad-json": lambda key: {**good_members(key), f"{key}.json": b"{not json"},
+    "missing-text": lambda key: {k: v for k, v in good_members(key).items() if not k.endswith("text.npy")},
+    "wrong-channels": lambda key: good_members(key, latent=np.zeros((5, 1, 4, 6), np.float16)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_corrupt_sample_is_skipped_counted_and_named(tmp_path, kind, caplog):
+    root = write_dataset(tmp_path / "ds", make_samples(10))
+    add_members(root / "shard-000001.tar", CORRUPTIONS[kind]("bad00001"))
+    bump_manifest(root, "shard-000001.tar", 1)
+    ld = loader(root)
+    with caplog.at_level(logging.WARNING):
+        keys = [k for b in all_batches(ld) for k in b.keys]
+    assert sorted(keys) == [f"k{i:05d}" for i in range(10)]  # everything else still arrives
+    assert ld.skipped == 1
+    assert "shard-000001.tar sample bad00001" in caplog.text
+
+
+def test_stop_mode_raises_with_the_path(tmp_path):
+    root = write_dataset(tmp_path / "ds", make_samples(10))
+    add_members(root / "shard-000000.tar", CORRUPTIONS["garbage-npy"]("bad00001"))
+    bump_manifest(root, "shard-000000.tar", 1)
+    with pytest.raises(DataError, match=r"data.on_corrupt=stop.*shard-000000.tar sample bad00001"):
+        all_batches(loader(root, on_corrupt="stop"))
+
+
+def test_truncated_shard_is_reported_and_the_rest_streams(tmp_path, caplog):
+    root = write_dataset(tmp_path / "ds", make_samples(20))
+    shard = root / "shard-000002.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])
+    ld = loader(root)
+    with caplog.at_level(logging.WARNING):
+        keys = [k for b in all_batches(ld) for k in b.keys]
+    assert set(keys) >= {f"k{i:05d}" for i in range(20) if not 10 <= i < 15}  # the other shards are whole
+    assert ld.skipped >= 1 and "shard-000002.tar" in caplog.text
+
+
+def test_manifest_problems_name_the_file(tmp_path):
+    with pytest.raises(DataError, match=r"does not exist.*sora-dist make-synthetic"):
+        read_manifest(tmp_path / "nowhere")
+    root = write_dataset(tmp_path / "ds", make_samples(10))
+    manifest = root / MANIFEST_NAME
+    good = manifest.read_text()
+
+    manifest.unlink()
+    with pytest.raises(DataError, match=rf"{manifest} is missing"):
+        read_manifest(root)
+    manifest.write_text("{broken")
+    with pytest.raises(DataError, match=rf"{manifest} is not valid JSON"):
+        read_manifest(root)
+    raw = json.loads(good)
+    del raw["text_dim"]
+    manifest.write_text(json.dumps(raw))
+    with pytest.raises(DataError, match=r"lacks the keys \['text_dim'\]"):
+        read_manifest(root)
+    raw = json.loads(good)
+    raw["shapes"]["1x4x6"] += 1
+    manifest.write_text(json.dumps(raw))
+    with pytest.raises(DataError, match=r"inconsistent: its shape histogram counts 11 samples but its shards hold 10"):
+        read_manifest(root)
+    manifest.write_text(good)
+    (root / "shard-000001.tar").unlink()
+    with pytest.raises(DataError, match=r"lists shard-000001.tar, but .*shard-000001.tar is missing"):
+        read_manifest(root)
+
+
+def test_writer_rejects_mixed_widths_and_dotted_keys(tmp_path):
+    with pytest.raises(DataError, match="has 4 latent channels and text width 8; this dataset has 3 and 8"):
+        with ShardWriter(tmp_path / "ds") as writer:
+            writer.write(make_samples(1)[0])
+            writer.write(Sample("x1", np.zeros((4, 1, 2, 2), np.float16), np.zeros((1, 8), np.float16), {}))
+    with pytest.raises(DataError, match="must not contain '.'"):
+        with ShardWriter(tmp_path / "ds2") as writer:
+            writer.write(Sample("a.b", np.zeros((3, 1, 2, 2), np.float16), np.zeros((1, 8), np.float16), {}))
+
+
+def test_synthetic_dataset_mixes_images_and_clips(synthetic_dir):
+    manifest = read_manifest(synthetic_dir)
+    frames = Counter(int(key.split("x")[0]) for key in manifest.shapes)
+    assert frames[1] >= 2 and sum(v for k, v in frames.items() if k > 1) >= 2  # several image and clip shapes
+    aspect = {tuple(map(int, k.split("x")[1:])) for k in manifest.shapes}
+    assert any(h > w for h, w in aspect) and any(h < w for h, w in aspect)
+    batch = next(iter(loader(synthetic_dir, tokens_per_batch=4096, max_batch_size=8)))
+    assert batch.latents.shape[1] == 4 and batch.text.shape[2] == 32

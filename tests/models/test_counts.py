@@ -1,0 +1,44 @@
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from sora_dist.config import ModelConfig
+from sora_dist.kernels import set_attention_backend
+from sora_dist.models import PRESETS, VideoDiT, count_parameters, forward_flops, resolve_model_config, train_flops
+
+# Nominal size of each preset with a 4096-wide text encoder (T5-XXL) and 4 latent channels.
+NOMINAL = {"debug": (0.4e6, 0.6e6), "S": (35e6, 50e6), "B": (140e6, 180e6), "L": (0.5e9, 0.62e9),
+           "XL": (0.75e9, 0.9e9), "1B": (0.95e9, 1.15e9), "3B": (2.8e9, 3.3e9), "7B": (6.5e9, 7.5e9)}
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_parameter_formula_matches_module_and_nominal_size(preset):
+    cfg = resolve_model_config(ModelConfig(preset=preset), in_channels=4, text_dim=4096)
+    with torch.device("meta"):
+        model = VideoDiT(cfg)
+    actual = sum(p.numel() for p in model.parameters())
+    assert count_parameters(cfg) == actual
+    low, high = NOMINAL[preset]
+    assert low <= actual <= high, f"{preset}: {actual / 1e6:.1f}M parameters"
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 16), (5, 12, 20), (8, 10, 10)])
+@pytest.mark.parametrize("patch_size", [(1, 2, 2), (2, 2, 2)])
+def test_flop_formula_matches_measured_count(shape, patch_size):
+    cfg = resolve_model_config(ModelConfig(preset="debug", patch_size=patch_size), in_channels=4, text_dim=32)
+    model = VideoDiT(cfg)
+    batch, text_len = 2, 7
+    args = (torch.randn(batch, 4, *shape), torch.rand(batch) * 1000, torch.randn(batch, text_len, 32), torch.ones(batch, text_len, dtype=torch.bool))
+    # The FLOP counter does not see CPU SDPA's fused kernel; the reference backend is plain matmuls.
+    set_attention_backend("reference")
+    try:
+        with FlopCounterMode(display=False) as forward:
+            out = model(*args)
+        with FlopCounterMode(display=False) as backward:
+            out.sum().backward()
+    finally:
+        set_attention_backend("sdpa")
+    assert forward.get_total_flops() == batch * forward_flops(cfg, shape, text_len)
+    # Backward costs about two forwards (the first layer's input gradient is not needed).
+    measured_train = forward.get_total_flops() + backward.get_total_flops()
+    assert measured_train == pytest.approx(batch * train_flops(cfg, shape, text_len), rel=0.05)
