@@ -111,6 +111,18 @@ class ParallelConfig:
     """Ulysses all-to-all sequence-parallel degree."""
     tp: int = 1
     """Tensor-parallel degree (innermost mesh dimension)."""
+    engine: Literal["fsdp", "ddp", "deepspeed"] = "fsdp"
+    """Data-parallel engine: FSDP2 (HSDP when dp_replicate > 1), DDP, or DeepSpeed ZeRO."""
+    zero_stage: int = 2
+    """DeepSpeed only: ZeRO stage 1, 2 or 3."""
+    reshard_after_forward: bool = True
+    """FSDP only: free gathered parameters after forward (ZeRO-3 like); false keeps them (ZeRO-2 like)."""
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """Recompute block activations in backward: none, every block (full), or every ac_every-th block."""
+    ac_every: int = 2
+    """With selective activation checkpointing: checkpoint every k-th block."""
+    compile: bool = False
+    """torch.compile each DiT block."""
 
 
 @dataclass
@@ -369,6 +381,8 @@ def validate(cfg: Config) -> None:
         value = getattr(p, key)
         _require(value >= 1, f"parallel.{key}={value} must be >= 1")
     _require(p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard={p.dp_shard} must be >= 1 or -1 (fill)")
+    _require(p.zero_stage in (1, 2, 3), f"parallel.zero_stage={p.zero_stage} must be 1, 2 or 3")
+    _require(p.ac_every >= 1, f"parallel.ac_every={p.ac_every} must be at least 1")
 
     o = cfg.optim
     _require(o.lr > 0, f"optim.lr={o.lr} must be positive")

@@ -87,6 +87,18 @@ def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float, device:
     return angles.cos(), angles.sin()
 
 
+class RotaryEmbedding3D(nn.Module):
+    """Module form of ``rope_angles`` (no parameters), so that sequence parallelism can split
+    its output with a hook like any other per-token tensor."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+
+    def forward(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_angles(grid, self.head_dim, self.theta, device)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs (2i, 2i+1) of x (B, H, N, D) by the angles of each token."""
     x_pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, N, D/2, 2)
@@ -123,6 +135,14 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(features)
 
 
+class AttentionCore(nn.Module):
+    """softmax(q k^T / sqrt(d)) v through the attention dispatch. A module of its own so that
+    sequence parallelism can swap it for a Ulysses or ring version without touching the model."""
+
+    def forward(self, q, k, v, key_mask=None):
+        return attention(q, k, v, key_mask)
+
+
 class Attention(nn.Module):
     """Multi-head attention with optional QK-norm; self-attention when ``context`` is None.
 
@@ -139,6 +159,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(hidden_size, hidden_size)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.core = AttentionCore()
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)  # (B, N, D) -> (B, H, N, Dh)
@@ -150,7 +171,7 @@ class Attention(nn.Module):
         v = self._heads(self.to_v(source))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v, context_mask)  # (B, H, N, Dh)
+        out = self.core(q, k, v, context_mask)  # (B, H, N, Dh)
         return self.proj(out.transpose(1, 2).flatten(2))  # (B, N, D)
 
 
@@ -211,6 +232,7 @@ class VideoDiT(nn.Module):
         # An always-visible context token: a sample whose caption was dropped (all text masked)
         # attends to it alone, which is the unconditional model of classifier-free guidance.
         self.null_text = nn.Parameter(torch.empty(1, 1, d))
+        self.rope = RotaryEmbedding3D(cfg.head_dim, cfg.rope_theta)
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg)
         self.init_weights()
@@ -264,7 +286,7 @@ class VideoDiT(nn.Module):
         c = self.t_embedder(t)  # (B, D)
         context = torch.cat([self.null_text.expand(b, -1, -1), self.text_embedder(text)], dim=1)  # (B, 1+L, D)
         context_mask = torch.cat([text_mask.new_ones(b, 1), text_mask], dim=1)  # (B, 1+L)
-        rope = rope_angles(grid, self.cfg.head_dim, self.cfg.rope_theta, x.device)
+        rope = self.rope(grid, x.device)  # (N, Dh/2) each
         for block in self.blocks:
             tokens = block(tokens, c, context, context_mask, rope)
         return self.unpatchify(self.final_layer(tokens, c), (t_len, h, w))

@@ -1,0 +1,168 @@
+"""Data-parallel engines behind one small interface the trainer uses.
+
+- FSDP2 (``fully_shard``) per block and at the root, over the ``fsdp`` sub-mesh (dp_shard x sp),
+  or HSDP over (dp_replicate, fsdp); bf16 parameters with fp32 gradient reduction on GPU/NPU.
+- DDP over the ``dp_sp`` group.
+- DeepSpeed ZeRO stage 1/2/3 over the ``dp_sp`` group, handed to DeepSpeed as its data-parallel
+  group through a minimal ``mpu``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+from sora_dist.parallel.mesh import ParallelDims
+
+
+def grad_norm_across_meshes(params: list[nn.Parameter]) -> torch.Tensor:
+    """Global L2 norm of the gradients, whether they are plain tensors or DTensors on different
+    meshes (TP + FSDP), where torch's clip_grad_norm_ fails. DTensor computes each group's norm
+    (one group per mesh and placements, so its collectives match the layout); the per-group
+    norms, now plain scalars, combine here."""
+    groups: dict = defaultdict(list)
+    for p in params:
+        if p.grad is not None:
+            key = (p.grad.device_mesh, p.grad.placements) if isinstance(p.grad, DTensor) else None
+            groups[key].append(p.grad.detach())
+    squares = []
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        squares.append(norm.float() ** 2)
+    return torch.stack(squares).sum().sqrt()
+
+
+class TorchEngine:
+    """FSDP2 or DDP with a torch optimizer: backward, clip, step."""
+
+    def __init__(self, model: nn.Module, module: nn.Module, optimizer, scheduler, max_norm: float, grad_accum: int):
+        self.model, self.module = model, module
+        self.optimizer, self.scheduler, self.max_norm = optimizer, scheduler, max_norm
+        self.grad_accum = grad_accum
+        self.params = [p for p in module.parameters() if p.requires_grad]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss; gradients accumulate until ``step``."""
+        (loss / self.grad_accum).backward()
+
+    def step(self, on_non_finite: Callable[[float], None]) -> float:
+        norm = grad_norm_across_meshes(self.params)
+        norm_value = norm.item()
+        if not math.isfinite(norm_value):
+            on_non_finite(norm_value)
+        if self.max_norm > 0 and norm_value > self.max_norm:
+            coef = self.max_norm / (norm_value + 1e-6)
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return norm_value
+
+    def last_lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO: it owns clipping, stepping and gradient accumulation boundaries."""
+
+    def __init__(self, engine, module: nn.Module, scheduler, grad_accum: int):
+        self.model, self.module, self.engine, self.scheduler = engine, module, engine, scheduler
+        self.grad_accum = grad_accum
+        self._micro_steps = 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+        self._micro_steps += 1
+        if self._micro_steps < self.grad_accum:
+            self.engine.step()  # DeepSpeed counts micro-steps in step(); no update before the boundary
+
+    def step(self, on_non_finite: Callable[[float], None]) -> float:
+        self.engine.step()
+        self._micro_steps = 0
+        norm = self.engine.get_global_grad_norm()
+        norm_value = float(norm) if norm is not None else float("nan")
+        if not math.isfinite(norm_value):
+            on_non_finite(norm_value)
+        return norm_value
+
+    def last_lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, dims: ParallelDims, param_dtype: Optional[torch.dtype], reshard_after_forward: bool) -> None:
+    """fully_shard each block, then the root (which holds embeddings and the final layer)."""
+    fsdp_mesh = mesh["dp_replicate", "fsdp"] if dims.dp_replicate > 1 else mesh["fsdp"]
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
+    for block in model.blocks:
+        fully_shard(block, mesh=fsdp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=fsdp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+
+
+def apply_ddp(model: nn.Module, mesh: DeviceMesh, device: torch.device) -> nn.Module:
+    device_ids = None if device.type == "cpu" else [device.index]
+    return DistributedDataParallel(model, process_group=mesh["dp_sp"].get_group(), device_ids=device_ids)
+
+
+class _DataParallelMPU:
+    """The part of Megatron's ``mpu`` interface DeepSpeed asks for: our dp x sp group is its data
+    parallel group, and there is no model parallelism (TP is rejected with DeepSpeed)."""
+
+    def __init__(self, mesh: DeviceMesh):
+        self.dp_group = mesh["dp_sp"].get_group()
+        self.mp_group = mesh["tp"].get_group()
+
+    def get_data_parallel_group(self):
+        return self.dp_group
+
+    def get_data_parallel_rank(self):
+        return dist.get_rank(self.dp_group)
+
+    def get_data_parallel_world_size(self):
+        return dist.get_world_size(self.dp_group)
+
+    def get_model_parallel_group(self):
+        return self.mp_group
+
+    def get_model_parallel_rank(self):
+        return 0
+
+    def get_model_parallel_world_size(self):
+        return 1
+
+
+def deepspeed_config(zero_stage: int, grad_clip: float, grad_accum: int, bf16: bool) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": 1,  # batches come from our loader; DeepSpeed only needs a value
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip,  # set explicitly: DeepSpeed's default would be 1.0
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def apply_deepspeed(model: nn.Module, optimizer, scheduler, mesh: DeviceMesh, zero_stage: int, grad_clip: float, grad_accum: int, bf16: bool) -> DeepSpeedEngine:
+    import deepspeed  # optional extra: pip install -e '.[deepspeed]'
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(zero_stage, grad_clip, grad_accum, bf16),
+        mpu=_DataParallelMPU(mesh),
+    )
+    return DeepSpeedEngine(engine, model, scheduler, grad_accum)

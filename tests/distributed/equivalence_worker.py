@@ -1,0 +1,221 @@
+"""Run by torchrun from test_equivalence.py: for each parallel layout, two SGD steps of a tiny DiT
+on a video batch, an image batch and a batch whose token count does not divide the SP degree,
+compared with a single-process run of the same model and batches on every rank.
+
+Writes {layout: {batch: {"loss": .., "grad": .., "param": .., "norm": ..}}} (max relative errors)
+to the JSON path given as the first argument (rank 0).
+"""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from sora_dist.config import ParallelConfig
+from sora_dist.models import DiTConfig, VideoDiT
+from sora_dist.parallel import (
+    TorchEngine,
+    apply_ddp,
+    apply_deepspeed,
+    apply_fsdp,
+    apply_model_parallel,
+    build_mesh,
+    resolve_dims,
+)
+
+CFG = DiTConfig(in_channels=4, text_dim=16, hidden_size=64, depth=2, num_heads=4, patch_size=(1, 2, 2))
+GLOBAL_BATCH = 4
+LR, CLIP = 0.5, 0.05
+BATCHES = {"video": (2, 8, 8), "image": (1, 6, 10), "odd": (3, 6, 6)}  # 32, 15 and 27 tokens
+
+LAYOUTS = {
+    2: {
+        "fsdp": dict(),
+        "hsdp": dict(dp_replicate=2),
+        "ddp": dict(engine="ddp"),
+        "tp2": dict(tp=2),
+        "ulysses2": dict(sp_ulysses=2),
+        "ring2": dict(sp_ring=2),
+        "zero2": dict(engine="deepspeed", zero_stage=2),
+        "zero3": dict(engine="deepspeed", zero_stage=3),
+    },
+    4: {
+        "fsdp": dict(),
+        "hsdp": dict(dp_replicate=2),
+        "ddp": dict(engine="ddp"),
+        "ulysses2_ring2": dict(sp_ulysses=2, sp_ring=2),
+        "tp2_ulysses2": dict(tp=2, sp_ulysses=2),
+        "fsdp2_tp2": dict(tp=2),
+        "fsdp2_ulysses2": dict(sp_ulysses=2, activation_checkpointing="full"),
+        "fsdp2_ring2": dict(sp_ring=2, activation_checkpointing="selective"),
+        "ring4": dict(sp_ring=4),
+        "ulysses4": dict(sp_ulysses=4),
+        "ddp2_ulysses2": dict(engine="ddp", sp_ulysses=2),
+        "zero2_ulysses2": dict(engine="deepspeed", zero_stage=2, sp_ulysses=2),
+        "zero3_ulysses2": dict(engine="deepspeed", zero_stage=3, sp_ulysses=2),
+    },
+}
+
+
+def make_batch(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(GLOBAL_BATCH, 4, *shape, generator=g)
+    t = torch.rand(GLOBAL_BATCH, generator=g) * 1000
+    text = torch.randn(GLOBAL_BATCH, 5, 16, generator=g)
+    mask = torch.ones(GLOBAL_BATCH, 5, dtype=torch.bool)
+    mask[1, 2:] = False
+    mask[3, 4:] = False
+    target = torch.randn(GLOBAL_BATCH, 4, *shape, generator=g)
+    return x, t, text, mask, target
+
+
+def initial_state():
+    torch.manual_seed(0)
+    model = VideoDiT(CFG)
+    with torch.no_grad():  # random everywhere: zero-initialized layers would hide mistakes
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def clean(name):
+    for junk in ("_checkpoint_wrapped_module.", "module."):
+        name = name.replace(junk, "")
+    return name
+
+
+def full(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def reference_run(state, batches):
+    model = VideoDiT(CFG)
+    model.load_state_dict(state)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    losses, grads, norms = [], None, []
+    for x, t, text, mask, target in batches:
+        loss = F.mse_loss(model(x, t, text, mask), target)
+        loss.backward()
+        if grads is None:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item())
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, grads, norms, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def parallel_run(layout, state, batches, world_size):
+    cfg = ParallelConfig(**layout)
+    dims = resolve_dims(cfg, world_size, CFG)
+    mesh = build_mesh(dims, "cpu")
+    model = VideoDiT(CFG)
+    model.load_state_dict(state)
+    apply_model_parallel(model, cfg, dims, mesh)
+    if dims.engine == "fsdp":
+        apply_fsdp(model, mesh, dims, None, cfg.reshard_after_forward)
+    if dims.engine == "deepspeed":
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        engine = apply_deepspeed(model, opt, sched, mesh, cfg.zero_stage, CLIP, 1, bf16=False)
+    else:
+        wrapped = apply_ddp(model, mesh, torch.device("cpu")) if dims.engine == "ddp" else model
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        engine = TorchEngine(wrapped, model, opt, sched, CLIP, grad_accum=1)
+    dp_rank, per_rank = mesh["dp"].get_local_rank(), GLOBAL_BATCH // dims.dp
+    losses, grads, norms = [], None, []
+    for x, t, text, mask, target in batches:
+        rows = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+        loss = F.mse_loss(engine.model(x[rows], t[rows], text[rows], mask[rows]), target[rows])
+        engine.backward(loss * dims.sp)
+        if grads is None:
+            grads = {}
+            for name, p in model.named_parameters():
+                if dims.engine == "deepspeed":
+                    from deepspeed.utils import safe_get_full_grad
+
+                    grads[clean(name)] = safe_get_full_grad(p).clone()
+                else:
+                    grads[clean(name)] = full(p.grad).clone()
+        norms.append(engine.step(on_non_finite=lambda n: None))
+        global_loss = loss.detach().clone()
+        dist.all_reduce(global_loss)
+        losses.append(global_loss.item() / world_size)
+    if dims.engine == "deepspeed":
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        params = {clean(n): safe_get_full_fp32_param(p).clone() for n, p in model.named_parameters()}
+    else:
+        params = {clean(n): full(p.detach()).clone() for n, p in model.named_parameters()}
+    return losses, grads, norms, params
+
+
+def sharded_bytes(world_size):
+    """Per-rank parameter and AdamW-state bytes under FSDP over all ranks, and unsharded."""
+    from sora_dist.parallel import local_bytes
+
+    cfg = ParallelConfig()
+    dims = resolve_dims(cfg, world_size, CFG)
+    mesh = build_mesh(dims, "cpu")
+    model = VideoDiT(CFG)
+    total_params = local_bytes(model.parameters())
+    apply_fsdp(model, mesh, dims, None, True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, t, text, mask, target = make_batch(BATCHES["video"], 0)
+    F.mse_loss(model(x[:1], t[:1], text[:1], mask[:1]), target[:1]).backward()
+    opt.step()
+    states = [v for state in opt.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
+    return {"params_full": total_params, "params_rank": local_bytes(model.parameters()),
+            "optim_full": 2 * total_params, "optim_rank": local_bytes(states)}
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def main():
+    out_path = sys.argv[1]
+    only = set(sys.argv[2].split(",")) if len(sys.argv) > 2 else None
+    dist.init_process_group("gloo")
+    world_size = dist.get_world_size()
+    torch.manual_seed(0)
+    state = initial_state()
+    results = {}
+    for name, layout in LAYOUTS[world_size].items():
+        if only and name not in only:
+            continue
+        results[name] = {}
+        for kind, shape in BATCHES.items():
+            batches = [make_batch(shape, seed) for seed in (1, 2)]
+            ref_losses, ref_grads, ref_norms, ref_params = reference_run(state, batches)
+            try:
+                losses, grads, norms, params = parallel_run(layout, state, batches, world_size)
+            except Exception as err:  # report, so the test names the layout
+                results[name][kind] = {"error": f"{type(err).__name__}: {err}"}
+                continue
+            results[name][kind] = {
+                "loss": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)),
+                "norm": max(abs(a - b) / abs(b) for a, b in zip(norms, ref_norms)),
+                "grad": max(rel(grads[n], g) for n, g in ref_grads.items()),
+                "worst_grad": max(ref_grads, key=lambda n: rel(grads[n], ref_grads[n])),
+                "param": max(rel(params[n], p) for n, p in ref_params.items()),
+            }
+    bytes_rank = sharded_bytes(world_size)
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, bytes_rank)
+    results["_bytes"] = gathered
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

@@ -1,0 +1,55 @@
+"""Every parallel layout against a single-process run of the same model and batches: loss at each
+of two SGD steps, gradients after the first backward, gradient norm (clipping binds), and
+parameters after both steps, on gloo with 2 and 4 ranks. One torchrun per world size runs all
+layouts (equivalence_worker.py); each test reads its layout's result."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("equivalence_worker.py")
+sys.path.insert(0, str(WORKER.parent))
+from equivalence_worker import BATCHES, LAYOUTS  # noqa: E402
+
+TOLERANCE = 1e-4  # fp32: observed errors are ~1e-6; a real mistake is >1e-3
+
+
+def run_world(world_size: int, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world_size), str(WORKER), str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+_RESULTS: dict[int, dict] = {}
+
+
+def results_for(world_size: int, tmp_path_factory) -> dict:
+    if world_size not in _RESULTS:
+        _RESULTS[world_size] = run_world(world_size, tmp_path_factory.mktemp(f"eq{world_size}") / "results.json")
+    return _RESULTS[world_size]
+
+
+@pytest.mark.parametrize("world_size, layout", [(w, name) for w, layouts in LAYOUTS.items() for name in layouts])
+def test_layout_matches_single_process(world_size, layout, tmp_path_factory):
+    results = results_for(world_size, tmp_path_factory)
+    for kind in BATCHES:
+        r = results[layout][kind]
+        assert "error" not in r, f"{layout} on {kind}: {r}"
+        for metric in ("loss", "grad", "norm", "param"):
+            assert r[metric] < TOLERANCE, f"{layout} {kind}: {metric} differs by {r[metric]:.3g} (worst grad {r['worst_grad']})"
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_fsdp_cuts_parameter_and_optimizer_bytes_by_the_shard_degree(world_size, tmp_path_factory):
+    per_rank_bytes = results_for(world_size, tmp_path_factory)["_bytes"]
+    for per_rank in per_rank_bytes:
+        # Uneven dim-0 splits pad by a row here and there: allow 10% over the ideal share.
+        assert per_rank["params_rank"] <= 1.1 * per_rank["params_full"] / world_size
+        assert per_rank["optim_rank"] <= 1.1 * per_rank["optim_full"] / world_size
+    total = sum(r["params_rank"] for r in per_rank_bytes)
+    assert total == pytest.approx(per_rank_bytes[0]["params_full"], rel=0.01)
