@@ -1,4 +1,4 @@
-"""``sora-dist`` command line: train | sample | make-synthetic | inspect."""
+"""``sora-dist`` command line: train | sample | make-synthetic | inspect | plot."""
 
 from __future__ import annotations
 
@@ -87,6 +87,21 @@ def cmd_inspect(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"  {shape:<22} {count:>8}   {count / manifest.num_samples:6.1%}  {'#' * round(40 * count / manifest.num_samples)}")
 
 
+def cmd_plot(args: argparse.Namespace, overrides: list[str]) -> None:
+    from sora_dist.metrics import read_history
+    from sora_dist.visualize import save_loss_comparison
+
+    curves = {}
+    for run in args.runs:
+        label, _, path = run.rpartition("=") if "=" in run else (run, "", run)
+        history = read_history(Path(path) / "metrics.jsonl")
+        curves[label] = ([r["step"] for r in history], [r["loss"] for r in history])
+    save_loss_comparison(curves, args.out)
+    for label, (steps, losses) in curves.items():
+        print(f"{label:<30} steps {steps[-1]:>6}  first {losses[0]:.4f}  last {losses[-1]:.4f}")
+    log.info("loss curves -> %s", args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sora-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples-per-shard", type=int, default=64)
     p.set_defaults(func=cmd_make_synthetic, overrides_allowed=False)
+
+    p = sub.add_parser("plot", help="plot the loss curves of several runs on one chart")
+    p.add_argument("runs", nargs="+", help="run folders, optionally labelled: LABEL=runs/x")
+    p.add_argument("--out", default="loss_comparison.png")
+    p.set_defaults(func=cmd_plot, overrides_allowed=False)
 
     p = sub.add_parser("inspect", help="print a dataset's manifest and shape histogram")
     p.add_argument("dir")

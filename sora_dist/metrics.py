@@ -33,6 +33,11 @@ class MetricsLogger:
 
             self._tb = SummaryWriter(str(out_dir / "tb"))
 
+    def note(self, message: str) -> None:
+        """A one-off line on rank 0 (e.g. memory facts known only after the first step)."""
+        if self.enabled:
+            log.info(message)
+
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return

@@ -1,10 +1,11 @@
 """Build order and the training loop.
 
-``train(cfg)`` detects the device, streams the shards, builds the DiT on the meta device and
-materializes it, then runs AdamW with warmup and cosine/constant LR, gradient accumulation,
-clipping, EMA and bf16 autocast on GPU/NPU, guarded against non-finite losses. Rank 0 logs
-progress with ETA and writes metrics; the run ends with final weights and, for the demo, a
-sampled clip and a loss plot.
+``train(cfg)`` detects the device, resolves the parallel layout (rejecting impossible ones before
+any process group exists), builds the mesh, streams this data-parallel rank's shards, builds the
+DiT on the meta device, parallelizes and materializes it, then runs AdamW with warmup and
+cosine/constant LR, gradient accumulation, clipping, EMA and bf16 on GPU/NPU, guarded against
+non-finite losses. Rank 0 logs progress with ETA and writes metrics; the run ends with final
+weights and, for the demo, a sampled clip and a loss plot.
 """
 
 from __future__ import annotations
@@ -15,25 +16,30 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from sora_dist import device as device_lib
 from sora_dist.config import Config, save_config
-from sora_dist.data import Batch, LatentLoader, make_synthetic
+from sora_dist.data import Batch, LatentLoader, make_synthetic, read_manifest
 from sora_dist.diffusion import build_objective
 from sora_dist.errors import ConfigError, TrainingError
 from sora_dist.kernels import get_attention_backend, set_attention_backend
 from sora_dist.metrics import MetricsLogger, summarize
 from sora_dist.models import VideoDiT, count_parameters, resolve_model_config, train_flops
+from sora_dist.parallel import build_mesh, local_bytes, make_engine, parallelize, resolve_dims
 
 log = logging.getLogger("sora_dist")
 
 
 class EMA:
-    """fp32 exponential moving average of the weights, with DiT-style warm-up of the decay."""
+    """fp32 exponential moving average of the weights (sharded like them), with DiT-style
+    warm-up of the decay."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
@@ -45,13 +51,9 @@ class EMA:
         for name, p in model.named_parameters():
             self.shadow[name].lerp_(p.detach().float(), 1 - decay)
 
-    @torch.no_grad()
-    def copy_to(self, model: torch.nn.Module) -> None:
-        for name, p in model.named_parameters():
-            p.copy_(self.shadow[name])
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: t.contiguous() for name, t in self.shadow.items()}
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Unsharded copy (a collective when the weights are DTensors: call on every rank)."""
+        return {name: (t.full_tensor() if isinstance(t, DTensor) else t).contiguous() for name, t in self.shadow.items()}
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -72,23 +74,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _check_layout(cfg: Config) -> None:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    p = cfg.parallel
-    degrees = {"dp_replicate": p.dp_replicate, "sp_ring": p.sp_ring, "sp_ulysses": p.sp_ulysses, "tp": p.tp}
-    if p.dp_shard != -1:
-        degrees["dp_shard"] = p.dp_shard
-    too_big = {k: v for k, v in degrees.items() if v > 1}
-    if world_size > 1 or too_big:
-        raise ConfigError(
-            f"this build trains on one rank (WORLD_SIZE={world_size}, parallel degrees {too_big or 'all 1'}): "
-            f"multi-rank data/sequence/tensor parallelism is not implemented yet; run with --nproc-per-node 1 "
-            f"and leave the parallel degrees at 1"
-        )
-
-
 def _diagnose(loss: float, grad_norm: Optional[float], step: int, lr: float, model, batch: Batch) -> str:
-    finite_params = all(torch.isfinite(p).all() for p in model.parameters())
+    finite_params = all(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all() for p in model.parameters())
     grad_text = "n/a" if grad_norm is None else f"{grad_norm:.3g}"
     return (
         f"non-finite training signal at step {step}: loss {loss}, grad norm {grad_text}, lr {lr:.3g}, "
@@ -108,13 +95,8 @@ def _autocast_dtype(cfg: Config, dev: device_lib.Device) -> Optional[torch.dtype
 
 
 def build_model(cfg: Config, in_channels: int, text_dim: int, torch_device: torch.device) -> VideoDiT:
-    """Construct on the meta device (no memory, no init cost), then materialize and init."""
-    model_cfg = resolve_model_config(cfg.model, in_channels, text_dim)
-    if (model_cfg.in_channels, model_cfg.text_dim) != (in_channels, text_dim):
-        raise ConfigError(
-            f"model.in_channels={model_cfg.in_channels} / model.text_dim={model_cfg.text_dim} disagree with the "
-            f"dataset ({in_channels} latent channels, text width {text_dim}): set them to null to read the manifest"
-        )
+    """A single-device model for the config: built on meta, then materialized and initialized."""
+    model_cfg = _model_config(cfg, in_channels, text_dim)
     with torch.device("meta"):
         model = VideoDiT(model_cfg)
     model.to_empty(device=torch_device)
@@ -122,118 +104,205 @@ def build_model(cfg: Config, in_channels: int, text_dim: int, torch_device: torc
     return model
 
 
-def resolved_config(cfg: Config, model: VideoDiT) -> Config:
+def _model_config(cfg: Config, in_channels: int, text_dim: int):
+    model_cfg = resolve_model_config(cfg.model, in_channels, text_dim)
+    if (model_cfg.in_channels, model_cfg.text_dim) != (in_channels, text_dim):
+        raise ConfigError(
+            f"model.in_channels={model_cfg.in_channels} / model.text_dim={model_cfg.text_dim} disagree with the "
+            f"dataset ({in_channels} latent channels, text width {text_dim}): set them to null to read the manifest"
+        )
+    return model_cfg
+
+
+def resolved_config(cfg: Config, model_cfg) -> Config:
     """The config with the model's preset and dataset-derived sizes written out."""
-    m = model.cfg
     resolved_model = dataclasses.replace(
-        cfg.model, in_channels=m.in_channels, text_dim=m.text_dim, hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads
+        cfg.model, in_channels=model_cfg.in_channels, text_dim=model_cfg.text_dim,
+        hidden_size=model_cfg.hidden_size, depth=model_cfg.depth, num_heads=model_cfg.num_heads,
     )
     return dataclasses.replace(cfg, model=resolved_model)
 
 
-def train(cfg: Config) -> dict[str, float]:
-    """Run training as configured; returns a summary (first/last loss, steps, seconds)."""
-    _check_layout(cfg)
-    dev = device_lib.detect(cfg.parallel.device)
-    torch.manual_seed(cfg.train.seed)
-    out_dir = Path(cfg.train.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.data.synthetic_if_missing and not Path(cfg.data.path).exists():
+def _prepare_data(cfg: Config, rank: int, distributed: bool) -> None:
+    """Rank 0 writes the synthetic dataset if asked and missing; the others wait for it."""
+    if rank == 0 and cfg.data.synthetic_if_missing and not Path(cfg.data.path).exists():
         log.info("no dataset at %s: writing %d synthetic samples", cfg.data.path, cfg.data.synthetic_samples)
         make_synthetic(cfg.data.path, cfg.data.synthetic_samples, seed=cfg.data.seed)
-    loader = LatentLoader(cfg.data, cfg.model.patch_size)
-    set_attention_backend(dev.default_attention_backend if cfg.model.attention_backend == "auto" else cfg.model.attention_backend)
-    model = build_model(cfg, loader.manifest.latent_channels, loader.manifest.text_dim, dev.torch_device)
-    cfg = resolved_config(cfg, model)
-    save_config(cfg, out_dir / "config.yaml")
+    if distributed:
+        dist.barrier()
 
+
+def train(cfg: Config) -> dict[str, float]:
+    """Run training as configured; returns a summary (first/last loss, steps, seconds)."""
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    dev = device_lib.detect(cfg.parallel.device)
+    distributed = world_size > 1
+    if distributed:
+        dist.init_process_group(dev.comm_backend)
+    try:
+        return _train(cfg, dev, world_size, rank, distributed)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
+def _train(cfg: Config, dev, world_size: int, rank: int, distributed: bool) -> dict[str, float]:
+    _prepare_data(cfg, rank, distributed)
+    manifest = read_manifest(cfg.data.path)
+    model_cfg = _model_config(cfg, manifest.latent_channels, manifest.text_dim)
+    dims = resolve_dims(cfg.parallel, world_size, model_cfg)
+    if dims.engine == "deepspeed" and dims.world_size > 1 and dims.sp > 1 and cfg.parallel.zero_stage == 3 and cfg.optim.ema_decay > 0:
+        raise ConfigError("optim.ema_decay > 0 needs whole parameters; DeepSpeed ZeRO-3 partitions them: set optim.ema_decay=0 or use engine=fsdp")
+    mesh = build_mesh(dims, dev.kind) if distributed else None
+    dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
+    loader = LatentLoader(cfg.data, cfg.model.patch_size, dp_rank=dp_rank, dp_size=dims.dp)
+    set_attention_backend(dev.default_attention_backend if cfg.model.attention_backend == "auto" else cfg.model.attention_backend)
+    cfg = resolved_config(cfg, model_cfg)
+    out_dir = Path(cfg.train.out_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+
+    autocast_dtype = _autocast_dtype(cfg, dev)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    with torch.device("meta"):
+        model = VideoDiT(model_cfg)
+    parallelize(model, cfg.parallel, dims, mesh, dev.torch_device, autocast_dtype)
     o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, o.warmup_steps, cfg.train.steps, o.schedule, o.min_lr_ratio)
     )
+    engine = make_engine(model, cfg.parallel, dims, mesh, dev.torch_device, optimizer, scheduler, o.grad_clip, cfg.train.grad_accum, autocast_dtype is not None)
     ema = EMA(model, o.ema_decay) if o.ema_decay > 0 else None
-    objective = build_objective(cfg.diffusion, model.cfg.patch_size)
-    generator = torch.Generator(device=dev.torch_device).manual_seed(cfg.train.seed + 1)
-    autocast_dtype = _autocast_dtype(cfg, dev)
+    objective = build_objective(cfg.diffusion, model_cfg.patch_size)
+    # Seeded by data-parallel rank: the ranks of one SP/TP group draw the same timesteps and noise.
+    generator = torch.Generator(device=dev.torch_device).manual_seed(cfg.train.seed + 1 + dp_rank)
     log.info(
         "device %s (%s, backend %s) | attention %s | precision %s | model %s: %.2fM parameters | dataset %s: %d samples",
         dev.kind, dev.name, dev.comm_backend, get_attention_backend(), autocast_dtype or "fp32",
-        cfg.model.preset, count_parameters(model.cfg) / 1e6, cfg.data.path, loader.manifest.num_samples,
+        cfg.model.preset, count_parameters(model_cfg) / 1e6, cfg.data.path, manifest.num_samples,
+    )
+    log.info(
+        "layout %s on %d ranks | parameters %.1f MiB per rank | global batch per step: %d data-parallel ranks x "
+        "%d micro-batches x up to %d tokens", dims.describe(), world_size, local_bytes(model.parameters()) / 2**20,
+        dims.dp, cfg.train.grad_accum, cfg.data.tokens_per_batch,
     )
 
-    metrics = MetricsLogger(out_dir, cfg.train.steps, cfg.logging.tensorboard)
+    metrics = MetricsLogger(out_dir, cfg.train.steps, cfg.logging.tensorboard, enabled=rank == 0)
     start = time.perf_counter()
-    steps_done = run_loop(cfg, model, optimizer, scheduler, ema, objective, iter(loader), generator, autocast_dtype, dev, metrics)
+    steps_done = run_loop(cfg, engine, model, ema, objective, iter(loader), generator, autocast_dtype, dev, metrics, dims, optimizer)
     metrics.close()
     seconds = time.perf_counter() - start
     if loader.skipped:
-        log.warning("skipped %d corrupt samples or shards in total", loader.skipped)
-
-    if cfg.checkpoint.save_final:
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(out_dir / "model.safetensors"))
-        if ema is not None:
-            save_file(ema.state_dict(), str(out_dir / "ema.safetensors"))
-        log.info("saved final weights to %s", out_dir)
-    summary = {**summarize(metrics.history), "steps": steps_done, "seconds": seconds} if metrics.history else {"steps": steps_done, "seconds": seconds}
-    if cfg.train.sample_at_end:
-        from sora_dist.sampling import sample_report
-
-        if ema is not None:
-            ema.copy_to(model)
-        sample_report(cfg, model, objective, loader, metrics.history, out_dir, dev)
+        log.warning("skipped %d corrupt samples or shards on this rank", loader.skipped)
+    weights = _full_weights(engine, model, dims)
+    ema_weights = ema.full_state_dict() if ema is not None else None
+    summary = {"steps": steps_done, "seconds": seconds, **(summarize(metrics.history) if metrics.history else {})}
+    if rank == 0:
+        _finish(cfg, model_cfg, weights, ema_weights, objective, loader, metrics.history, out_dir, dev)
     return summary
 
 
-def run_loop(cfg, model, optimizer, scheduler, ema, objective, batches: Iterator[Batch], generator, autocast_dtype, dev, metrics) -> int:
+def _full_weights(engine, model, dims) -> dict[str, torch.Tensor]:
+    """Unsharded weights on every rank (collectives: call on all ranks)."""
+    if dims.engine == "deepspeed" and dims.world_size > 1 and engine.engine.zero_optimization_stage() == 3:
+        from deepspeed.zero import GatheredParameters
+
+        with GatheredParameters(list(model.parameters())):
+            return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+    return {k: v.detach().contiguous() for k, v in get_model_state_dict(model, options=options).items()}
+
+
+def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Names as in the single-device model (activation checkpointing and compile add prefixes)."""
+    return {k.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""): v for k, v in state.items()}
+
+
+def _finish(cfg, model_cfg, weights, ema_weights, objective, loader, history, out_dir: Path, dev) -> None:
+    """Rank 0: save the final weights, then sample with a single-device copy of the model."""
+    weights = _strip_wrappers(weights)
+    ema_weights = _strip_wrappers(ema_weights) if ema_weights is not None else None
+    if cfg.checkpoint.save_final:
+        save_file(weights, str(out_dir / "model.safetensors"))
+        if ema_weights is not None:
+            save_file(ema_weights, str(out_dir / "ema.safetensors"))
+        log.info("saved final weights to %s", out_dir)
+    if cfg.train.sample_at_end:
+        from sora_dist.sampling import sample_report
+
+        single = VideoDiT(model_cfg).to(dev.torch_device)
+        single.load_state_dict(ema_weights if ema_weights is not None else weights)
+        sample_report(cfg, single, objective, loader, history, out_dir, dev)
+
+
+def _global_sums(values: list[float], dims, device) -> list[float]:
+    """Sum over data-parallel ranks (SP/TP ranks hold copies: divide them out)."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / (dims.sp * dims.tp)).tolist()
+
+
+def run_loop(cfg, engine, model, ema, objective, batches, generator, autocast_dtype, dev, metrics, dims, optimizer) -> int:
     """The optimizer steps; returns how many ran (train.max_minutes may end the run early)."""
     peak = dev.peak_flops
     deadline = time.perf_counter() + 60 * cfg.train.max_minutes if cfg.train.max_minutes else math.inf
-    window = {"loss": 0.0, "samples": 0, "tokens": 0, "flops": 0.0, "wait": 0.0, "steps": 0, "time": time.perf_counter()}
-    grad_norm = None
+    window = dict.fromkeys(("loss", "samples", "tokens", "flops", "wait", "steps"), 0.0) | {"time": time.perf_counter()}
     for step in range(1, cfg.train.steps + 1):
         for _ in range(cfg.train.grad_accum):
             waited = time.perf_counter()
             batch = next(batches).to(dev.torch_device)
             window["wait"] += time.perf_counter() - waited
             with dev.autocast(autocast_dtype):
-                loss = objective.loss(model, batch.latents, batch.text, batch.text_mask, generator).mean()
+                loss = objective.loss(engine.model, batch.latents, batch.text, batch.text_mask, generator).mean()
             if not torch.isfinite(loss):
-                raise TrainingError(_diagnose(loss.item(), grad_norm, step, scheduler.get_last_lr()[0], model, batch))
-            (loss / cfg.train.grad_accum).backward()
+                raise TrainingError(_diagnose(loss.item(), None, step, engine.last_lr(), model, batch))
+            # Data-parallel engines average over dp x sp ranks; SP ranks each hold part of one
+            # sample's gradient, so scale by the SP degree to sum them (see parallel/sequence.py).
+            engine.backward(loss * dims.sp)
             shape, text_len = tuple(batch.latents.shape[2:]), batch.text.shape[1]
             window["loss"] += loss.item() / cfg.train.grad_accum
             window["samples"] += len(batch.keys)
             window["tokens"] += len(batch.keys) * model.cfg.num_tokens(shape)
             window["flops"] += len(batch.keys) * train_flops(model.cfg, shape, text_len)
-        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
-        if not math.isfinite(grad_norm):
-            raise TrainingError(_diagnose(window["loss"], grad_norm, step, scheduler.get_last_lr()[0], model, batch))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
+        lr = engine.last_lr()
+        grad_norm = engine.step(lambda norm: _raise(_diagnose(window["loss"], norm, step, lr, model, batch)))
         if ema is not None:
             ema.update(model, step)
         window["steps"] += 1
-        if step % cfg.logging.log_every == 0 or step == cfg.train.steps or time.perf_counter() > deadline:
-            dev.synchronize()
-            elapsed = time.perf_counter() - window["time"]
-            values = {
-                "loss": window["loss"] / window["steps"],
-                "grad_norm": grad_norm,
-                "lr": lr,
-                "samples_per_s": window["samples"] / elapsed,
-                "tokens_per_s": window["tokens"] / elapsed,
-                "data_wait_frac": window["wait"] / elapsed,
-                **dev.memory_stats(),
-            }
-            if peak:
-                values["mfu"] = window["flops"] / elapsed / peak
-            metrics.log(step, values)
-            window = {"loss": 0.0, "samples": 0, "tokens": 0, "flops": 0.0, "wait": 0.0, "steps": 0, "time": time.perf_counter()}
-        if time.perf_counter() > deadline:
+        if step == 1:
+            states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+            metrics.note(f"optimizer state {local_bytes(states) / 2**20:.1f} MiB per rank")
+        out_of_time = time.perf_counter() > deadline
+        if step % cfg.logging.log_every == 0 or step == cfg.train.steps or out_of_time:
+            _log_window(window, grad_norm, lr, step, dims, dev, peak, metrics)
+            window = dict.fromkeys(("loss", "samples", "tokens", "flops", "wait", "steps"), 0.0) | {"time": time.perf_counter()}
+        if out_of_time:
             log.info("train.max_minutes=%g reached after %d steps", cfg.train.max_minutes, step)
             return step
     return cfg.train.steps
+
+
+def _raise(message: str) -> None:
+    raise TrainingError(message)
+
+
+def _log_window(window, grad_norm, lr, step, dims, dev, peak, metrics) -> None:
+    dev.synchronize()
+    elapsed = time.perf_counter() - window["time"]
+    loss_sum, samples, tokens, flops = _global_sums([window["loss"], window["samples"], window["tokens"], window["flops"]], dims, dev.torch_device)
+    values = {
+        "loss": loss_sum / dims.dp / window["steps"],
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "samples_per_s": samples / elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "data_wait_frac": window["wait"] / elapsed,
+        **dev.memory_stats(),
+    }
+    if peak:
+        values["mfu"] = flops / elapsed / (peak * dims.world_size)
+    metrics.log(step, values)

@@ -51,3 +51,15 @@ def save_loss_plot(steps: Sequence[int], losses: Sequence[float], path: str | Pa
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def save_loss_comparison(curves: dict[str, tuple[Sequence[int], Sequence[float]]], path: str | Path) -> None:
+    """Loss curves of several runs on one plot (e.g. one layout against the single-process run)."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for (label, (steps, losses)), style in zip(curves.items(), ["-", "--", ":", "-."] * 4):
+        ax.plot(steps, losses, style, label=label, linewidth=1.6)
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both"), ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -74,12 +74,8 @@ def test_non_finite_loss_stops_with_a_diagnosis(synthetic_dir, tmp_path, monkeyp
         trainer.train(short_config(synthetic_dir, tmp_path, "--train.steps=3", "--train.sample_at_end=false"))
 
 
-def test_multi_rank_layout_is_refused_for_now(synthetic_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match=r"WORLD_SIZE=2.*not implemented yet"):
-        trainer.train(short_config(synthetic_dir, tmp_path, "--train.steps=1"))
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    with pytest.raises(ConfigError, match=r"\{'tp': 2\}"):
+def test_layout_that_does_not_fit_the_world_is_refused(synthetic_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"world size 1 is not divisible by dp_replicate\*sp_ring\*sp_ulysses\*tp = 2"):
         trainer.train(short_config(synthetic_dir, tmp_path, "--train.steps=1", "--parallel.tp=2"))
 
 

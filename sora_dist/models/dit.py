@@ -271,7 +271,10 @@ class VideoDiT(nn.Module):
         t, h, w = latent_shape
         (gt, gh, gw), (pt, ph, pw) = self.cfg.grid(latent_shape), self.cfg.patch_size
         x = tokens.reshape(b, gt, gh, gw, -1, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
-        return x.reshape(b, -1, gt * pt, gh * ph, gw * pw)[:, :, :t, :h, :w]
+        x = x.reshape(b, -1, gt * pt, gh * ph, gw * pw)
+        if x.shape[2:] != (t, h, w):
+            x = x[:, :, :t, :h, :w].contiguous()
+        return x
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """Predict the diffusion target for noised latents.

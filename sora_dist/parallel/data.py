@@ -16,12 +16,11 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from sora_dist.parallel.mesh import ParallelDims
+from sora_dist.parallel.mesh import ParallelDims, ParallelMesh
 
 
 def grad_norm_across_meshes(params: list[nn.Parameter]) -> torch.Tensor:
@@ -101,16 +100,16 @@ class DeepSpeedEngine:
         return self.scheduler.get_last_lr()[0]
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, dims: ParallelDims, param_dtype: Optional[torch.dtype], reshard_after_forward: bool) -> None:
+def apply_fsdp(model: nn.Module, mesh: ParallelMesh, dims: ParallelDims, param_dtype: Optional[torch.dtype], reshard_after_forward: bool) -> None:
     """fully_shard each block, then the root (which holds embeddings and the final layer)."""
-    fsdp_mesh = mesh["dp_replicate", "fsdp"] if dims.dp_replicate > 1 else mesh["fsdp"]
+    fsdp_mesh = mesh.hsdp() if dims.dp_replicate > 1 else mesh["fsdp"]
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
     for block in model.blocks:
         fully_shard(block, mesh=fsdp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=fsdp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
 
 
-def apply_ddp(model: nn.Module, mesh: DeviceMesh, device: torch.device) -> nn.Module:
+def apply_ddp(model: nn.Module, mesh: ParallelMesh, device: torch.device) -> nn.Module:
     device_ids = None if device.type == "cpu" else [device.index]
     return DistributedDataParallel(model, process_group=mesh["dp_sp"].get_group(), device_ids=device_ids)
 
@@ -119,7 +118,7 @@ class _DataParallelMPU:
     """The part of Megatron's ``mpu`` interface DeepSpeed asks for: our dp x sp group is its data
     parallel group, and there is no model parallelism (TP is rejected with DeepSpeed)."""
 
-    def __init__(self, mesh: DeviceMesh):
+    def __init__(self, mesh: ParallelMesh):
         self.dp_group = mesh["dp_sp"].get_group()
         self.mp_group = mesh["tp"].get_group()
 
@@ -155,7 +154,7 @@ def deepspeed_config(zero_stage: int, grad_clip: float, grad_accum: int, bf16: b
     }
 
 
-def apply_deepspeed(model: nn.Module, optimizer, scheduler, mesh: DeviceMesh, zero_stage: int, grad_clip: float, grad_accum: int, bf16: bool) -> DeepSpeedEngine:
+def apply_deepspeed(model: nn.Module, optimizer, scheduler, mesh: ParallelMesh, zero_stage: int, grad_clip: float, grad_accum: int, bf16: bool) -> DeepSpeedEngine:
     import deepspeed  # optional extra: pip install -e '.[deepspeed]'
 
     engine, _, _, _ = deepspeed.initialize(

@@ -11,6 +11,7 @@ sub-meshes serve the rest of the code:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -87,14 +88,35 @@ def resolve_dims(cfg: ParallelConfig, world_size: int, model: DiTConfig) -> Para
     return dims
 
 
-def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
+class ParallelMesh:
+    """The root DeviceMesh plus its flattened sub-meshes, kept here because slicing a flattened
+    dimension back out of the root mesh is deprecated. ``mesh[name]`` returns either."""
+
+    FLATTENED = {
+        "dp": ("dp_replicate", "dp_shard"),
+        "sp": ("sp_ring", "sp_ulysses"),
+        "fsdp": ("dp_shard", "sp_ring", "sp_ulysses"),
+        "dp_sp": ("dp_replicate", "dp_shard", "sp_ring", "sp_ulysses"),
+    }
+
+    def __init__(self, root: DeviceMesh):
+        self.root = root
+        self.flat = {name: root[dims]._flatten(name) for name, dims in self.FLATTENED.items()}
+
+    def __getitem__(self, name: str) -> DeviceMesh:
+        return self.flat[name] if name in self.flat else self.root[name]
+
+    def hsdp(self) -> DeviceMesh:
+        """2-D (dp_replicate, fsdp) mesh for HSDP: the one place a flattened dim is sliced from
+        the root (FSDP2 needs both dims in one mesh), so its deprecation warning is silenced."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return self.root["dp_replicate", "fsdp"]
+
+
+def build_mesh(dims: ParallelDims, device_type: str) -> ParallelMesh:
     """The world's DeviceMesh with the flattened sub-meshes named in the module docstring."""
-    mesh = init_device_mesh(device_type, dims.degrees, mesh_dim_names=MESH_DIMS)
-    mesh["dp_replicate", "dp_shard"]._flatten("dp")
-    mesh["sp_ring", "sp_ulysses"]._flatten("sp")
-    mesh["dp_shard", "sp_ring", "sp_ulysses"]._flatten("fsdp")
-    mesh["dp_replicate", "dp_shard", "sp_ring", "sp_ulysses"]._flatten("dp_sp")
-    return mesh
+    return ParallelMesh(init_device_mesh(device_type, dims.degrees, mesh_dim_names=MESH_DIMS))
 
 
 def local_bytes(tensors) -> int:
