@@ -1,4 +1,4 @@
-"""``sora-dist`` command line: train | sample | make-synthetic | inspect | plot."""
+"""``sora-dist`` command line: train | sample | export | make-synthetic | inspect | plot."""
 
 from __future__ import annotations
 
@@ -87,6 +87,30 @@ def cmd_inspect(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"  {shape:<22} {count:>8}   {count / manifest.num_samples:6.1%}  {'#' * round(40 * count / manifest.num_samples)}")
 
 
+def cmd_export(args: argparse.Namespace, overrides: list[str]) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    from sora_dist.checkpoint import is_complete, load_weights_for_export
+    from sora_dist.config import load_config
+    from sora_dist.errors import ConfigError
+    from sora_dist.models import VideoDiT, resolve_model_config
+
+    path = Path(args.checkpoint)
+    ok, why = is_complete(path)
+    if not ok:
+        raise ConfigError(f"{path} is not a complete checkpoint: {why}")
+    if (path / "deepspeed").is_dir():
+        raise ConfigError(f"{path} is a DeepSpeed checkpoint: consolidate it with DeepSpeed's zero_to_fp32.py, or train with engine=fsdp")
+    cfg = load_config(path / "config.yaml")
+    model = VideoDiT(resolve_model_config(cfg.model, cfg.model.in_channels, cfg.model.text_dim))
+    used = load_weights_for_export(path, model, ema=not args.raw)
+    metadata = {"model_config": json.dumps(cfg.to_dict()["model"]), "weights": used, "checkpoint": str(path)}
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.out, metadata=metadata)
+    log.info("exported the %s weights of %s (%d tensors) -> %s", used, path, len(model.state_dict()), args.out)
+
+
 def cmd_plot(args: argparse.Namespace, overrides: list[str]) -> None:
     from sora_dist.metrics import read_history
     from sora_dist.visualize import save_loss_comparison
@@ -125,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples-per-shard", type=int, default=64)
     p.set_defaults(func=cmd_make_synthetic, overrides_allowed=False)
+
+    p = sub.add_parser("export", help="write a checkpoint's consolidated weights as safetensors")
+    p.add_argument("checkpoint", help="a step-N checkpoint folder")
+    p.add_argument("--out", required=True, help="e.g. model.safetensors")
+    p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA weights")
+    p.set_defaults(func=cmd_export, overrides_allowed=False)
 
     p = sub.add_parser("plot", help="plot the loss curves of several runs on one chart")
     p.add_argument("runs", nargs="+", help="run folders, optionally labelled: LABEL=runs/x")

@@ -171,6 +171,20 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
+    dir: Optional[str] = None
+    """Folder of step-N checkpoints; None is out_dir/checkpoints."""
+    every_steps: int = 0
+    """Save every N optimizer steps (0: not by steps)."""
+    every_minutes: float = 0.0
+    """Save every M minutes of training (0: not by time)."""
+    keep_last: int = 3
+    """Keep the newest K checkpoints (0 keeps all)."""
+    async_save: bool = False
+    """Write checkpoints in the background while training goes on (FSDP/DDP engines)."""
+    resume: str = "auto"
+    """auto: the newest complete checkpoint in dir, if any; a path: that checkpoint; none: start fresh."""
+    init_from: Optional[str] = None
+    """Start from these weights (a safetensors file from `sora-dist export`) instead of random ones: fine-tuning."""
     save_final: bool = True
     """Write the final weights (and EMA weights) as safetensors with the config into out_dir."""
 
@@ -330,9 +344,13 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Check values that types cannot express; raises ConfigError naming key, value and fix."""
+    _validate_model(cfg.model)
+    _validate_training(cfg)
+
+
+def _validate_model(m: ModelConfig) -> None:
     from sora_dist.models import PRESETS  # local: models import config types
 
-    m = cfg.model
     _require(
         m.preset in PRESETS,
         f"model.preset={m.preset!r} is unknown: choose one of {', '.join(PRESETS)}",
@@ -357,6 +375,8 @@ def validate(cfg: Config) -> None:
     _require(m.mlp_ratio > 0, f"model.mlp_ratio={m.mlp_ratio} must be positive")
     _require(all(p > 0 for p in m.patch_size), f"model.patch_size={list(m.patch_size)} must be positive")
 
+
+def _validate_training(cfg: Config) -> None:
     d = cfg.diffusion
     _require(d.num_timesteps >= 2, f"diffusion.num_timesteps={d.num_timesteps} must be at least 2")
     _require(0.0 <= d.caption_dropout < 1.0, f"diffusion.caption_dropout={d.caption_dropout} must be in [0, 1)")
@@ -395,4 +415,9 @@ def validate(cfg: Config) -> None:
     _require(t.steps >= 1, f"train.steps={t.steps} must be at least 1")
     _require(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be at least 1")
     _require(all(s >= 1 for s in t.sample_shape), f"train.sample_shape={list(t.sample_shape)} must be positive")
+    c = cfg.checkpoint
+    _require(c.every_steps >= 0, f"checkpoint.every_steps={c.every_steps} must be >= 0 (0 disables)")
+    _require(c.every_minutes >= 0, f"checkpoint.every_minutes={c.every_minutes} must be >= 0 (0 disables)")
+    _require(c.keep_last >= 0, f"checkpoint.keep_last={c.keep_last} must be >= 0 (0 keeps all)")
+    _require(c.resume.strip() != "", "checkpoint.resume must be auto, none or a checkpoint path")
     _require(cfg.logging.log_every >= 1, f"logging.log_every={cfg.logging.log_every} must be at least 1")

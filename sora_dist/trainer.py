@@ -10,21 +10,24 @@ weights and, for the demo, a sampled clip and a loss plot.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
+import signal
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
 from sora_dist import device as device_lib
+from sora_dist.checkpoint import CheckpointManager, TrainState
 from sora_dist.config import Config, save_config
 from sora_dist.data import Batch, LatentLoader, make_synthetic, read_manifest
 from sora_dist.diffusion import build_objective
@@ -32,7 +35,7 @@ from sora_dist.errors import ConfigError, TrainingError
 from sora_dist.kernels import get_attention_backend, set_attention_backend
 from sora_dist.metrics import MetricsLogger, summarize
 from sora_dist.models import VideoDiT, count_parameters, resolve_model_config, train_flops
-from sora_dist.parallel import build_mesh, local_bytes, make_engine, parallelize, resolve_dims
+from sora_dist.parallel import DeepSpeedEngine, ParallelDims, build_mesh, local_bytes, make_engine, parallelize, resolve_dims
 
 log = logging.getLogger("sora_dist")
 
@@ -43,13 +46,14 @@ class EMA:
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
-        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+        # Names as in the single-device model, so checkpoints load across layouts.
+        self.shadow = {_clean(name): p.detach().float().clone() for name, p in model.named_parameters()}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
         for name, p in model.named_parameters():
-            self.shadow[name].lerp_(p.detach().float(), 1 - decay)
+            self.shadow[_clean(name)].lerp_(p.detach().float(), 1 - decay)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Unsharded copy (a collective when the weights are DTensors: call on every rank)."""
@@ -146,12 +150,32 @@ def train(cfg: Config) -> dict[str, float]:
             dist.destroy_process_group()
 
 
-def _train(cfg: Config, dev, world_size: int, rank: int, distributed: bool) -> dict[str, float]:
+@dataclasses.dataclass
+class Run:
+    """The live objects of one training run."""
+
+    cfg: Config
+    dev: device_lib.Device
+    dims: ParallelDims
+    model: VideoDiT
+    engine: object
+    optimizer: torch.optim.Optimizer
+    ema: Optional[EMA]
+    objective: object
+    loader: LatentLoader
+    state: TrainState
+    ckpt: CheckpointManager
+    metrics: MetricsLogger
+    autocast_dtype: Optional[torch.dtype]
+    batches: Optional[Iterator[Batch]] = None
+
+
+def _build(cfg: Config, dev, world_size: int, rank: int, distributed: bool) -> tuple[Run, object]:
     _prepare_data(cfg, rank, distributed)
     manifest = read_manifest(cfg.data.path)
     model_cfg = _model_config(cfg, manifest.latent_channels, manifest.text_dim)
     dims = resolve_dims(cfg.parallel, world_size, model_cfg)
-    if dims.engine == "deepspeed" and dims.world_size > 1 and dims.sp > 1 and cfg.parallel.zero_stage == 3 and cfg.optim.ema_decay > 0:
+    if dims.engine == "deepspeed" and distributed and cfg.parallel.zero_stage == 3 and cfg.optim.ema_decay > 0:
         raise ConfigError("optim.ema_decay > 0 needs whole parameters; DeepSpeed ZeRO-3 partitions them: set optim.ema_decay=0 or use engine=fsdp")
     mesh = build_mesh(dims, dev.kind) if distributed else None
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
@@ -168,6 +192,8 @@ def _train(cfg: Config, dev, world_size: int, rank: int, distributed: bool) -> d
     with torch.device("meta"):
         model = VideoDiT(model_cfg)
     parallelize(model, cfg.parallel, dims, mesh, dev.torch_device, autocast_dtype)
+    if cfg.checkpoint.init_from:
+        _load_initial_weights(model, cfg.checkpoint.init_from)
     o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -175,32 +201,56 @@ def _train(cfg: Config, dev, world_size: int, rank: int, distributed: bool) -> d
     )
     engine = make_engine(model, cfg.parallel, dims, mesh, dev.torch_device, optimizer, scheduler, o.grad_clip, cfg.train.grad_accum, autocast_dtype is not None)
     ema = EMA(model, o.ema_decay) if o.ema_decay > 0 else None
-    objective = build_objective(cfg.diffusion, model_cfg.patch_size)
     # Seeded by data-parallel rank: the ranks of one SP/TP group draw the same timesteps and noise.
     generator = torch.Generator(device=dev.torch_device).manual_seed(cfg.train.seed + 1 + dp_rank)
+    state = TrainState(
+        model, optimizer, scheduler, ema, loader, generator, dp_rank, mesh["dp"].get_group() if mesh is not None else None,
+        world_size, deepspeed=engine.engine if isinstance(engine, DeepSpeedEngine) else None,
+    )
+    metrics = MetricsLogger(out_dir, cfg.train.steps, cfg.logging.tensorboard, enabled=rank == 0)
+    run = Run(cfg, dev, dims, model, engine, optimizer, ema, build_objective(cfg.diffusion, model_cfg.patch_size),
+              loader, state, CheckpointManager(cfg.checkpoint, out_dir), metrics, autocast_dtype)
+    return run, model_cfg
+
+
+def _load_initial_weights(model, path: str) -> None:
+    """Fine-tuning: every rank reads the exported file and keeps its own shards."""
+    if not Path(path).is_file():
+        raise ConfigError(f"checkpoint.init_from={path} does not exist: export weights with `sora-dist export`")
+    weights = load_file(path)
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+    log.info("initialized the weights from %s", path)
+
+
+def _train(cfg: Config, dev, world_size: int, rank: int, distributed: bool) -> dict[str, float]:
+    run, model_cfg = _build(cfg, dev, world_size, rank, distributed)
+    cfg, dims = run.cfg, run.dims
     log.info(
         "device %s (%s, backend %s) | attention %s | precision %s | model %s: %.2fM parameters | dataset %s: %d samples",
-        dev.kind, dev.name, dev.comm_backend, get_attention_backend(), autocast_dtype or "fp32",
-        cfg.model.preset, count_parameters(model_cfg) / 1e6, cfg.data.path, manifest.num_samples,
+        dev.kind, dev.name, dev.comm_backend, get_attention_backend(), run.autocast_dtype or "fp32",
+        cfg.model.preset, count_parameters(model_cfg) / 1e6, cfg.data.path, run.loader.manifest.num_samples,
     )
     log.info(
         "layout %s on %d ranks | parameters %.1f MiB per rank | global batch per step: %d data-parallel ranks x "
-        "%d micro-batches x up to %d tokens", dims.describe(), world_size, local_bytes(model.parameters()) / 2**20,
+        "%d micro-batches x up to %d tokens", dims.describe(), world_size, local_bytes(run.model.parameters()) / 2**20,
         dims.dp, cfg.train.grad_accum, cfg.data.tokens_per_batch,
     )
-
-    metrics = MetricsLogger(out_dir, cfg.train.steps, cfg.logging.tensorboard, enabled=rank == 0)
+    resume = run.ckpt.find_resume()
+    if resume is not None:
+        run.ckpt.load(resume, run.state)
+    run.batches = iter(run.loader)  # after a resume has set the loader's position
     start = time.perf_counter()
-    steps_done = run_loop(cfg, engine, model, ema, objective, iter(loader), generator, autocast_dtype, dev, metrics, dims, optimizer)
-    metrics.close()
+    with _stop_signals() as stop:
+        steps_done = run_loop(run, stop)
+    run.metrics.close()
     seconds = time.perf_counter() - start
-    if loader.skipped:
-        log.warning("skipped %d corrupt samples or shards on this rank", loader.skipped)
-    weights = _full_weights(engine, model, dims)
-    ema_weights = ema.full_state_dict() if ema is not None else None
-    summary = {"steps": steps_done, "seconds": seconds, **(summarize(metrics.history) if metrics.history else {})}
-    if rank == 0:
-        _finish(cfg, model_cfg, weights, ema_weights, objective, loader, metrics.history, out_dir, dev)
+    if run.loader.skipped:
+        log.warning("skipped %d corrupt samples or shards on this rank", run.loader.skipped)
+    weights = _full_weights(run.engine, run.model, dims)
+    ema_weights = run.ema.full_state_dict() if run.ema is not None else None
+    summary = {"steps": steps_done, "seconds": seconds, **(summarize(run.metrics.history) if run.metrics.history else {})}
+    if rank == 0 and not stop.requested:
+        _finish(cfg, model_cfg, weights, ema_weights, run.objective, run.loader, run.metrics.history, Path(cfg.train.out_dir), dev)
     return summary
 
 
@@ -215,9 +265,13 @@ def _full_weights(engine, model, dims) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in get_model_state_dict(model, options=options).items()}
 
 
+def _clean(name: str) -> str:
+    """A parameter name as in the single-device model (activation checkpointing and compile add prefixes)."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
 def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Names as in the single-device model (activation checkpointing and compile add prefixes)."""
-    return {k.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""): v for k, v in state.items()}
+    return {_clean(k): v for k, v in state.items()}
 
 
 def _finish(cfg, model_cfg, weights, ema_weights, objective, loader, history, out_dir: Path, dev) -> None:
@@ -246,44 +300,101 @@ def _global_sums(values: list[float], dims, device) -> list[float]:
     return (t / (dims.sp * dims.tp)).tolist()
 
 
-def run_loop(cfg, engine, model, ema, objective, batches, generator, autocast_dtype, dev, metrics, dims, optimizer) -> int:
-    """The optimizer steps; returns how many ran (train.max_minutes may end the run early)."""
-    peak = dev.peak_flops
+def run_loop(run: Run, stop: "_StopFlag") -> int:
+    """The optimizer steps from the resumed step on; returns the last step run. Ends early, with a
+    checkpoint, on SIGTERM/SIGUSR1 (agreed on by all ranks) or after train.max_minutes."""
+    cfg, dev, state = run.cfg, run.dev, run.state
     deadline = time.perf_counter() + 60 * cfg.train.max_minutes if cfg.train.max_minutes else math.inf
-    window = dict.fromkeys(("loss", "samples", "tokens", "flops", "wait", "steps"), 0.0) | {"time": time.perf_counter()}
-    for step in range(1, cfg.train.steps + 1):
-        for _ in range(cfg.train.grad_accum):
-            waited = time.perf_counter()
-            batch = next(batches).to(dev.torch_device)
-            window["wait"] += time.perf_counter() - waited
-            with dev.autocast(autocast_dtype):
-                loss = objective.loss(engine.model, batch.latents, batch.text, batch.text_mask, generator).mean()
-            if not torch.isfinite(loss):
-                raise TrainingError(_diagnose(loss.item(), None, step, engine.last_lr(), model, batch))
-            # Data-parallel engines average over dp x sp ranks; SP ranks each hold part of one
-            # sample's gradient, so scale by the SP degree to sum them (see parallel/sequence.py).
-            engine.backward(loss * dims.sp)
-            shape, text_len = tuple(batch.latents.shape[2:]), batch.text.shape[1]
-            window["loss"] += loss.item() / cfg.train.grad_accum
-            window["samples"] += len(batch.keys)
-            window["tokens"] += len(batch.keys) * model.cfg.num_tokens(shape)
-            window["flops"] += len(batch.keys) * train_flops(model.cfg, shape, text_len)
-        lr = engine.last_lr()
-        grad_norm = engine.step(lambda norm: _raise(_diagnose(window["loss"], norm, step, lr, model, batch)))
-        if ema is not None:
-            ema.update(model, step)
+    window = _new_window()
+    step = state.step
+    while step < cfg.train.steps:
+        step += 1
+        batches = [_micro_step(run, window, step) for _ in range(cfg.train.grad_accum)]
+        lr = run.engine.last_lr()
+        grad_norm = run.engine.step(lambda norm: _raise(_diagnose(window["loss"], norm, step, lr, run.model, batches[-1])))
+        if run.ema is not None:
+            run.ema.update(run.model, step)
+        for batch in batches:
+            run.loader.mark_consumed(batch)
+        state.step, state.samples = step, state.samples + sum(len(b.keys) for b in batches)
         window["steps"] += 1
         if step == 1:
-            states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
-            metrics.note(f"optimizer state {local_bytes(states) / 2**20:.1f} MiB per rank")
+            states = [v for s in run.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+            run.metrics.note(f"optimizer state {local_bytes(states) / 2**20:.1f} MiB per rank")
         out_of_time = time.perf_counter() > deadline
         if step % cfg.logging.log_every == 0 or step == cfg.train.steps or out_of_time:
-            _log_window(window, grad_norm, lr, step, dims, dev, peak, metrics)
-            window = dict.fromkeys(("loss", "samples", "tokens", "flops", "wait", "steps"), 0.0) | {"time": time.perf_counter()}
+            _log_window(window, grad_norm, lr, step, run.dims, dev, dev.peak_flops, run.metrics)
+            window = _new_window()
+        run.ckpt.poll()
+        if stop.agreed(dev.torch_device):
+            log.info("stop signal received: saving a checkpoint at step %d and exiting", step)
+            run.ckpt.save(step, state, cfg, blocking=True)
+            return step
+        if run.ckpt.due(step):
+            run.ckpt.save(step, state, cfg)
         if out_of_time:
             log.info("train.max_minutes=%g reached after %d steps", cfg.train.max_minutes, step)
-            return step
-    return cfg.train.steps
+            break
+    run.ckpt.wait()
+    if run.ckpt.enabled and run.ckpt.last_saved_step != step:
+        run.ckpt.save(step, state, cfg, blocking=True)
+    return step
+
+
+def _new_window() -> dict[str, float]:
+    return dict.fromkeys(("loss", "samples", "tokens", "flops", "wait", "steps"), 0.0) | {"time": time.perf_counter()}
+
+
+def _micro_step(run: Run, window: dict, step: int) -> Batch:
+    """Forward and backward of one micro-batch; returns the batch."""
+    waited = time.perf_counter()
+    batch = next(run.batches).to(run.dev.torch_device)
+    window["wait"] += time.perf_counter() - waited
+    with run.dev.autocast(run.autocast_dtype):
+        loss = run.objective.loss(run.engine.model, batch.latents, batch.text, batch.text_mask, run.state.generator).mean()
+    if not torch.isfinite(loss):
+        raise TrainingError(_diagnose(loss.item(), None, step, run.engine.last_lr(), run.model, batch))
+    # Data-parallel engines average over dp x sp ranks; SP ranks each hold part of one
+    # sample's gradient, so scale by the SP degree to sum them (see parallel/sequence.py).
+    run.engine.backward(loss * run.dims.sp)
+    shape, text_len = tuple(batch.latents.shape[2:]), batch.text.shape[1]
+    window["loss"] += loss.item() / run.cfg.train.grad_accum
+    window["samples"] += len(batch.keys)
+    window["tokens"] += len(batch.keys) * run.model.cfg.num_tokens(shape)
+    window["flops"] += len(batch.keys) * train_flops(run.model.cfg, shape, text_len)
+    return batch
+
+
+class _StopFlag:
+    """Set by SIGTERM / SIGUSR1 (what schedulers send before preemption); ranks agree on it so
+    that all of them save the same step."""
+
+    def __init__(self):
+        self.requested = False
+
+    def agreed(self, device: torch.device) -> bool:
+        if not dist.is_initialized():
+            return self.requested
+        flag = torch.tensor(int(self.requested), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.requested = bool(flag)
+        return self.requested
+
+
+@contextlib.contextmanager
+def _stop_signals():
+    stop = _StopFlag()
+
+    def handler(signum, frame):
+        stop.requested = True
+        log.warning("received %s: will checkpoint after this step", signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _raise(message: str) -> None:

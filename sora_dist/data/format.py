@@ -114,6 +114,8 @@ class Sample:
     """float16 (L, D)."""
     meta: dict[str, Any]
     pooled: Optional[np.ndarray] = None
+    uid: int = -1
+    """Position in the dataset (manifest shard order, then order inside the shard); set by the reader."""
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

@@ -8,13 +8,14 @@ clear ``DataError``.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -38,9 +39,12 @@ class Batch:
     """(B, L) bool, True for real text tokens."""
     keys: list[str]
     captions: list[str]
+    uids: list[int] = field(default_factory=list)
+    """Dataset positions of the samples (see Sample.uid), for the resumable data position."""
+    epoch: int = 0
 
     def to(self, device: torch.device) -> "Batch":
-        return Batch(self.latents.to(device), self.text.to(device), self.text_mask.to(device), self.keys, self.captions)
+        return dataclasses.replace(self, latents=self.latents.to(device), text=self.text.to(device), text_mask=self.text_mask.to(device))
 
 
 @dataclass
@@ -63,6 +67,7 @@ def collate(samples: list[Sample], max_text_len: int) -> Batch:
         text_mask=torch.from_numpy(mask),
         keys=[s.key for s in samples],
         captions=[s.meta.get("caption", "") for s in samples],
+        uids=[s.uid for s in samples],
     )
 
 
@@ -82,10 +87,13 @@ def shard_order(manifest: Manifest, seed: int, epoch: int) -> list[str]:
 class LatentDataset(IterableDataset):
     """One epoch of batches for one data-parallel rank; each worker reads its own shards."""
 
-    def __init__(self, root: Path, manifest: Manifest, cfg: DataConfig, patch_size, epoch: int, dp_rank: int, dp_size: int):
+    def __init__(self, root: Path, manifest: Manifest, cfg: DataConfig, patch_size, epoch: int, dp_rank: int, dp_size: int, skip: Optional[np.ndarray] = None):
         self.root, self.manifest, self.cfg = root, manifest, cfg
         self.patch_size, self.epoch = tuple(patch_size), epoch
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.skip = skip  # bool per dataset position: already trained on this epoch (resume)
+        offsets = np.cumsum([0] + [s["samples"] for s in manifest.shards])
+        self.shard_offset = {str(root / s["name"]): int(o) for s, o in zip(manifest.shards, offsets)}
         self._problems: list[str] = []
 
     def _on_tar_error(self, exn: Exception) -> bool:
@@ -104,16 +112,24 @@ class LatentDataset(IterableDataset):
     def _samples(self, urls: list[str]) -> Iterator[Union[Sample, DataReport]]:
         if not urls:
             return
+        position: dict[str, int] = {}
         for raw in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=self._on_tar_error)):
             if self._problems:
                 yield DataReport(self._problems)
                 self._problems = []
+            url = raw.get("__url__", "?")
+            index = position.get(url, 0)
+            position[url] = index + 1
+            uid = self.shard_offset.get(url, -1) + index
+            if self.skip is not None and self.skip[uid]:
+                continue  # trained on before the resume: not decoded, not seen twice
             try:
                 sample = decode_sample(raw)
-                self._check(sample, raw.get("__url__", "?"))
+                self._check(sample, url)
             except CorruptSampleError as err:
                 yield DataReport([str(err)])
                 continue
+            sample.uid = uid
             yield sample
         if self._problems:
             yield DataReport(self._problems)
@@ -151,7 +167,16 @@ class LatentDataset(IterableDataset):
 
 
 class LatentLoader:
-    """Batches of one data-parallel rank, epoch after epoch, forever."""
+    """Batches of one data-parallel rank, epoch after epoch, forever, with a resumable position.
+
+    The trainer calls ``mark_consumed`` for every batch it trained on. ``state_dict`` (a
+    collective over the data-parallel group) records, per epoch, which dataset positions any
+    rank trained on, plus each rank's epoch and batch count. ``load_state_dict`` resumes:
+    - on the same layout and data settings, by replaying each rank's deterministic stream and
+      dropping the batches it already trained on, so training continues bit for bit;
+    - on any other layout, by skipping every position already trained on, so no sample of the
+      epoch is lost or seen twice.
+    """
 
     def __init__(self, cfg: DataConfig, patch_size, dp_rank: int = 0, dp_size: int = 1):
         self.cfg, self.patch_size = cfg, tuple(patch_size)
@@ -160,6 +185,9 @@ class LatentLoader:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.epoch = 0
         self.skipped = 0
+        self.consumed: dict[int, np.ndarray] = {}  # epoch -> bool per dataset position
+        self.batches_in_epoch = 0
+        self._replay = 0  # batches of self.epoch to drop on a same-layout resume
 
     def _report(self, report: DataReport) -> None:
         for message in report.corrupt:
@@ -168,17 +196,72 @@ class LatentLoader:
                 raise DataError(f"corrupt input (data.on_corrupt=stop): {message}. Set data.on_corrupt=skip to skip such samples")
             log.warning("skipped corrupt input (%d so far): %s", self.skipped, message)
 
-    def epoch_batches(self, epoch: int) -> Iterator[Batch]:
-        dataset = LatentDataset(self.root, self.manifest, self.cfg, self.patch_size, epoch, self.dp_rank, self.dp_size)
+    def epoch_batches(self, epoch: int, skip: Optional[np.ndarray] = None) -> Iterator[Batch]:
+        dataset = LatentDataset(self.root, self.manifest, self.cfg, self.patch_size, epoch, self.dp_rank, self.dp_size, skip)
         workers = self.cfg.num_workers
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
         for item in loader:
             if isinstance(item, DataReport):
                 self._report(item)
             else:
+                item.epoch = epoch
                 yield item
 
     def __iter__(self) -> Iterator[Batch]:
         for epoch in itertools.count(self.epoch):
-            self.epoch = epoch
-            yield from self.epoch_batches(epoch)
+            if epoch != self.epoch:
+                self.epoch, self.batches_in_epoch = epoch, 0
+            replay, self._replay = self._replay, 0
+            skip = None if replay else self.consumed.get(epoch)
+            for batch in self.epoch_batches(epoch, skip):
+                if replay:
+                    replay -= 1
+                    continue
+                yield batch
+
+    def mark_consumed(self, batch: Batch) -> None:
+        """Record that the trainer took an optimizer step on ``batch``."""
+        if batch.epoch not in self.consumed:
+            self.consumed[batch.epoch] = np.zeros(self.manifest.num_samples, dtype=bool)
+        self.consumed[batch.epoch][batch.uids] = True
+        if batch.epoch == self.epoch:
+            self.batches_in_epoch += 1
+
+    def signature(self) -> dict:
+        """What must match for a bit-exact replay of each rank's stream."""
+        keys = ("seed", "num_workers", "shuffle_buffer", "tokens_per_batch", "max_batch_size", "max_text_len")
+        return {"dp_size": self.dp_size, "patch_size": list(self.patch_size), **{k: getattr(self.cfg, k) for k in keys}}
+
+    def state_dict(self, group=None) -> dict:
+        """The global position (a collective over ``group``, the data-parallel ranks)."""
+        import torch.distributed as dist
+
+        distributed = dist.is_available() and dist.is_initialized()
+        per_rank = torch.zeros(2 * self.dp_size, dtype=torch.int64)
+        per_rank[2 * self.dp_rank : 2 * self.dp_rank + 2] = torch.tensor([self.epoch, self.batches_in_epoch])
+        epochs = torch.tensor([min(self.consumed, default=self.epoch), max(self.consumed, default=self.epoch)])
+        if distributed:
+            dist.all_reduce(per_rank, group=group)  # disjoint slots: a sum gathers them
+            low, high = epochs.clone(), epochs.clone()
+            dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+            dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+            epochs = torch.tensor([low[0], high[1]])
+        bitmaps = {}
+        for epoch in range(int(epochs[0]), int(epochs[1]) + 1):
+            mine = torch.from_numpy(self.consumed.get(epoch, np.zeros(self.manifest.num_samples, dtype=bool)).astype(np.uint8))
+            if distributed:
+                dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=group)
+            bitmaps[epoch] = mine.numpy().astype(bool)
+        return {"signature": self.signature(), "rank_epoch_batches": per_rank.view(-1, 2).tolist(), "consumed": bitmaps}
+
+    def load_state_dict(self, state: dict) -> str:
+        """Resume from ``state_dict()``; returns 'replay' or 'skip' (see the class docstring)."""
+        self.consumed = {int(e): np.asarray(m, dtype=bool).copy() for e, m in state["consumed"].items()}
+        if state["signature"] == self.signature():
+            self.epoch, self.batches_in_epoch = state["rank_epoch_batches"][self.dp_rank]
+            self._replay = self.batches_in_epoch
+            return "replay"
+        unfinished = [e for e, mask in sorted(self.consumed.items()) if not mask.all()]
+        self.epoch = unfinished[0] if unfinished else max(self.consumed, default=-1) + 1
+        self.batches_in_epoch, self._replay = 0, 0
+        return "skip"
