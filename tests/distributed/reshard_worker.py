@@ -23,8 +23,10 @@ from sora_dist.trainer import _build, _stop_signals, run_loop
 def full_state(run) -> dict:
     options = StateDictOptions(full_state_dict=True)
     model = get_model_state_dict(run.model, options=options)
-    optim = get_optimizer_state_dict(run.model, run.optimizer, options=options)
     flat = {f"model.{k}": v.detach().clone() for k, v in model.items()}
+    if run.state.deepspeed is not None:  # DeepSpeed owns its optimizer state: weights only
+        return flat
+    optim = get_optimizer_state_dict(run.model, run.optimizer, options=options)
     for name, state in optim["state"].items():
         for key, value in state.items():
             if torch.is_tensor(value) and value.dim() > 0:
