@@ -111,6 +111,9 @@ class CheckpointManager:
         self.last_save_time = time.monotonic()
         self.last_saved_step = -1
         self._pending: Optional[tuple[Any, int]] = None  # (future, step) of an async save
+        # DCP's own collectives get a group of their own: an async save finishes from a background
+        # thread, which must not interleave with training's collectives on a shared group.
+        self._group = dist.new_group(backend="gloo") if _distributed() else None
 
     @property
     def enabled(self) -> bool:
@@ -150,9 +153,9 @@ class CheckpointManager:
             payload = state.dcp_state_dict()
             with _single_process_ok():
                 if self.cfg.async_save and not blocking:
-                    future = dcp.async_save(payload, checkpoint_id=str(tmp))
+                    future = dcp.async_save(payload, checkpoint_id=str(tmp), process_group=self._group)
                 else:
-                    dcp.save(payload, checkpoint_id=str(tmp))
+                    dcp.save(payload, checkpoint_id=str(tmp), process_group=self._group)
                     future = None
         if _rank() == 0:
             (tmp / "data.json").write_text(json.dumps(data))
@@ -249,7 +252,7 @@ class CheckpointManager:
                 raise ConfigError(f"{path} was written by the DeepSpeed engine: resume it with parallel.engine=deepspeed")
             payload = state.dcp_state_dict()
             with _single_process_ok():
-                dcp.load(payload, checkpoint_id=str(path))
+                dcp.load(payload, checkpoint_id=str(path), process_group=self._group)
             state.set_dcp_state_dict(payload)
         data = decode_data_state(json.loads((path / "data.json").read_text()), state.loader.manifest.num_samples)
         mode = state.loader.load_state_dict(data)

@@ -1,4 +1,4 @@
-"""``sora-dist`` command line: train | sample | export | make-synthetic | inspect | plot."""
+"""``sora-dist`` command line: train | sample | export | make-synthetic | inspect | plot | bench-checkpoint."""
 
 from __future__ import annotations
 
@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA weights")
     p.set_defaults(func=cmd_export, overrides_allowed=False)
 
+    sub.add_parser("bench-checkpoint", help="time checkpoint save/load and async vs blocking overhead (see --help)")
+
     p = sub.add_parser("plot", help="plot the loss curves of several runs on one chart")
     p.add_argument("runs", nargs="+", help="run folders, optionally labelled: LABEL=runs/x")
     p.add_argument("--out", default="loss_comparison.png")
@@ -168,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench-checkpoint"]:  # its own argument parser (torchrun-able module)
+        from sora_dist.bench_checkpoint import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not args.overrides_allowed:

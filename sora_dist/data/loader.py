@@ -13,6 +13,7 @@ import itertools
 import logging
 import math
 import random
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -166,6 +167,13 @@ class LatentDataset(IterableDataset):
                 yield collate(bucket, self.cfg.max_text_len)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGUSR1 to the trainer: schedulers and torchrun signal every
+    process, and a worker dying first would abort the step the trainer wants to checkpoint."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class LatentLoader:
     """Batches of one data-parallel rank, epoch after epoch, forever, with a resumable position.
 
@@ -199,7 +207,10 @@ class LatentLoader:
     def epoch_batches(self, epoch: int, skip: Optional[np.ndarray] = None) -> Iterator[Batch]:
         dataset = LatentDataset(self.root, self.manifest, self.cfg, self.patch_size, epoch, self.dp_rank, self.dp_size, skip)
         workers = self.cfg.num_workers
-        loader = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
+        loader = DataLoader(
+            dataset, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
+            worker_init_fn=_ignore_stop_signals if workers else None,
+        )
         for item in loader:
             if isinstance(item, DataReport):
                 self._report(item)

@@ -80,3 +80,39 @@ def test_data_parallel_training_learns_and_saves_whole_weights(synthetic_dir, tm
     cfg = load_config(tmp_path / "config.yaml")
     model = build_model(cfg, 4, 32, torch.device("cpu"))
     model.load_state_dict(load_file(tmp_path / "model.safetensors"))  # strict: every weight, unsharded
+
+
+def test_async_checkpoints_on_two_ranks_complete_and_resume(synthetic_dir, tmp_path):
+    """An async save finishes from a background thread while training runs collectives: it must
+    use its own process group (a shared gloo group aborts with a collective mismatch)."""
+    args = common(synthetic_dir, tmp_path) + ["--checkpoint.every_steps=2", "--checkpoint.async_save=true", "--checkpoint.resume=auto"]
+    run(args, 2)
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / "latest").read_text() == f"step-{STEPS}"
+    assert all((checkpoints / name / "COMPLETE").is_file() for name in ("step-4", f"step-{STEPS}"))
+    result = run([*args[:-1], "--checkpoint.resume=auto", f"--train.steps={STEPS + 2}"], 2)
+    assert f"resumed from {checkpoints / f'step-{STEPS}'} at step {STEPS}" in result.stderr
+    assert sorted(json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines())[-2:] == [STEPS + 1, STEPS + 2]
+
+
+def test_sigterm_to_torchrun_leaves_a_complete_checkpoint(synthetic_dir, tmp_path):
+    """torchrun (like SLURM) signals every process, DataLoader workers included: the workers must
+    leave the signal to the trainer, which finishes its step, saves and exits."""
+    import signal
+    import time
+
+    from sora_dist.checkpoint import is_complete
+
+    args = common(synthetic_dir, tmp_path) + ["--train.steps=100000", "--data.num_workers=1", "--parallel.sp_ulysses=2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "sora_dist.train", *args]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert process.poll() is None and time.time() < deadline, process.stdout.read()[-3000:]
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert "stop signal received: saving a checkpoint" in output, output[-3000:]
+    latest = tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text()
+    assert is_complete(latest) == (True, "")

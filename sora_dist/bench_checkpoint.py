@@ -1,0 +1,124 @@
+"""Checkpoint benchmark: save and load time and size per rank, and the training-time overhead of
+blocking against asynchronous saves, on the real trainer path.
+
+  sora-dist bench-checkpoint [--preset S] [--steps 8] [--json out.json] [--section.key=value ...]
+  torchrun --nproc-per-node 2 -m sora_dist.bench_checkpoint --preset S      # per-rank numbers
+
+Three fresh runs of the same config train ``steps`` steps: without checkpoints, and with a save
+every steps/2 steps, blocking or asynchronous (the run's final checkpoint is always blocking, so
+both pay it; the difference between them is the mid-run save). The overhead is the difference
+in wall time against the run without checkpoints. Then a save and a load are timed alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from sora_dist import device as device_lib
+from sora_dist.config import load_config
+from sora_dist.data import make_synthetic
+from sora_dist.trainer import _build, _stop_signals, run_loop
+
+log = logging.getLogger("sora_dist")
+
+
+def _timed_run(overrides: list[str], dev, world_size: int, rank: int) -> tuple[float, object]:
+    run, _ = _build(load_config(None, overrides), dev, world_size, rank, world_size > 1)
+    run.batches = iter(run.loader)
+    next(run.batches)  # start the data workers before the clock
+    start = time.perf_counter()
+    with _stop_signals() as stop:
+        run_loop(run, stop)
+    return time.perf_counter() - start, run
+
+
+def _rank_bytes(step_dir: Path, rank: int) -> int:
+    return sum(p.stat().st_size for p in step_dir.glob(f"__{rank}_*.distcp"))
+
+
+def benchmark(preset: str, steps: int, extra: list[str], workdir: Path) -> dict:
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    dev = device_lib.detect("auto")
+    if world_size > 1:
+        dist.init_process_group(dev.comm_backend)
+    data = workdir / "data"
+    if rank == 0 and not data.exists():
+        make_synthetic(data, num_samples=256, seed=0)
+    if world_size > 1:
+        dist.barrier()
+    base = [
+        f"--model.preset={preset}", f"--data.path={data}", "--data.num_workers=1", "--data.tokens_per_batch=256",
+        f"--train.steps={steps}", "--logging.log_every=1000", "--logging.tensorboard=false", "--checkpoint.save_final=false",
+        "--checkpoint.resume=none", "--checkpoint.keep_last=0", *extra,
+    ]
+    results = {"preset": preset, "steps": steps, "world_size": world_size, "device": dev.name}
+    variants = {"none": [], "blocking": [f"--checkpoint.every_steps={steps // 2}"], "async": [f"--checkpoint.every_steps={steps // 2}", "--checkpoint.async_save=true"]}
+    for name, flags in variants.items():
+        out = workdir / name
+        seconds, run = _timed_run(base + [f"--train.out_dir={out}", *flags], dev, world_size, rank)
+        results[f"train_s_{name}"] = seconds
+    step_dir = workdir / "blocking" / "checkpoints" / f"step-{steps // 2}"
+    results["bytes_per_rank"] = _rank_bytes(step_dir, rank)
+    results["bytes_total"] = sum(p.stat().st_size for p in step_dir.rglob("*") if p.is_file())
+    # Save time alone, then load time, on a fresh run of the same layout.
+    run, _ = _build(load_config(None, base + [f"--train.out_dir={workdir / 'timing'}"]), dev, world_size, rank, world_size > 1)
+    start = time.perf_counter()
+    path = run.ckpt.save(steps, run.state, run.cfg, blocking=True)
+    results["save_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    run.ckpt.load(path, run.state)
+    results["load_s"] = time.perf_counter() - start
+    results["overhead_blocking_s"] = results["train_s_blocking"] - results["train_s_none"]
+    results["overhead_async_s"] = results["train_s_async"] - results["train_s_none"]
+    if world_size > 1:
+        dist.destroy_process_group()
+    return results
+
+
+def print_table(r: dict) -> None:
+    mib = 2**20
+    print(f"\ncheckpoint benchmark: preset {r['preset']}, {r['world_size']} rank(s), {r['device']}, {r['steps']} steps per run")
+    rows = [
+        ("size per rank", f"{r['bytes_per_rank'] / mib:.1f} MiB"),
+        ("size in total", f"{r['bytes_total'] / mib:.1f} MiB"),
+        ("blocking save", f"{r['save_s']:.2f} s"),
+        ("load (reshard-capable)", f"{r['load_s']:.2f} s"),
+        ("train, no checkpoint", f"{r['train_s_none']:.2f} s"),
+        ("train, blocking saves", f"{r['train_s_blocking']:.2f} s  (+{r['overhead_blocking_s']:.2f} s: mid-run + final save)"),
+        ("train, async mid-run save", f"{r['train_s_async']:.2f} s  (+{r['overhead_async_s']:.2f} s: mid-run async + final save)"),
+    ]
+    for name, value in rows:
+        print(f"  {name:<26} {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sora-dist bench-checkpoint", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="S")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--json", default="", help="also write the numbers to this JSON file")
+    parser.add_argument("--workdir", default="runs/bench_checkpoint", help="shared by all ranks; its run folders are replaced")
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    workdir = Path(args.workdir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for name in ("none", "blocking", "async", "timing"):
+            shutil.rmtree(workdir / name, ignore_errors=True)
+    results = benchmark(args.preset, args.steps, extra, workdir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print_table(results)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
