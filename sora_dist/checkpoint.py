@@ -94,9 +94,16 @@ def is_complete(path: Path) -> tuple[bool, str]:
     if (path / "deepspeed").is_dir():
         return True, ""
     try:
-        dcp.FileSystemReader(str(path)).read_metadata()
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
     except Exception as err:  # noqa: BLE001 - any failure to parse means a broken checkpoint
         return False, f"DCP metadata is unreadable ({type(err).__name__}: {err})"
+    needed: dict[str, int] = {}  # every data file must hold the bytes the metadata points into
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in needed.items():
+        actual = (path / name).stat().st_size if (path / name).is_file() else -1
+        if actual < size:
+            return False, f"{name} is truncated or missing ({max(actual, 0)} of {size} bytes)"
     return True, ""
 
 

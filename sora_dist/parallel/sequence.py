@@ -87,26 +87,17 @@ def _heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
     return received.transpose(0, 1).reshape(b, h_local * size, total // size, d)
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _UlyssesAllToAll(torch.autograd.Function):
+    """Sequence-sharded -> head-sharded (``to_heads``) or back; the backward is the inverse."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_to_heads(x, group)
+    def forward(ctx, x, group, to_heads: bool):
+        ctx.group, ctx.to_heads = group, to_heads
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _heads_to_seq(grad, ctx.group), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _heads_to_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_to_heads(grad, ctx.group), None
+        return (_heads_to_seq if ctx.to_heads else _seq_to_heads)(grad, ctx.group), None, None
 
 
 class _GatherTokens(torch.autograd.Function):
@@ -138,7 +129,7 @@ class SequenceParallelAttention(nn.Module):
     def forward(self, q, k, v, key_mask: Optional[torch.Tensor] = None):
         assert key_mask is None, "sequence parallelism applies to self-attention only"
         if self.ulysses > 1:
-            q, k, v = (_SeqToHeads.apply(t, self.ulysses_group) for t in (q, k, v))
+            q, k, v = (_UlyssesAllToAll.apply(t, self.ulysses_group, True) for t in (q, k, v))
         # After the all-to-all this rank holds the tokens of the U consecutive SP ranks of its
         # Ulysses group; SP rank = ring_rank * U + ulysses_rank.
         first = (self.shards.sp_rank // self.ulysses) * self.ulysses
@@ -148,7 +139,7 @@ class SequenceParallelAttention(nn.Module):
         else:
             out = attention(q, k, v, None if bool(valid.all()) else valid)
         if self.ulysses > 1:
-            out = _HeadsToSeq.apply(out, self.ulysses_group)
+            out = _UlyssesAllToAll.apply(out, self.ulysses_group, False)
         return out
 
 
