@@ -309,9 +309,19 @@ def run_loop(run: Run, stop: "_StopFlag") -> int:
     step = state.step
     while step < cfg.train.steps:
         step += 1
-        batches = [_micro_step(run, window, step) for _ in range(cfg.train.grad_accum)]
+        # The loss stays on the device until the step's single host sync (the gradient norm).
+        step_loss = torch.zeros((), device=dev.torch_device)
+        batches = []
+        for _ in range(cfg.train.grad_accum):
+            batch, loss = _micro_step(run, window, step)
+            batches.append(batch)
+            step_loss += loss / cfg.train.grad_accum
         lr = run.engine.last_lr()
-        grad_norm = run.engine.step(lambda norm: _raise(_diagnose(window["loss"], norm, step, lr, run.model, batches[-1])))
+        grad_norm = run.engine.step(lambda norm: _raise(_diagnose(step_loss.item(), norm, step, lr, run.model, batches[-1])))
+        loss_value = step_loss.item()
+        if not math.isfinite(loss_value):
+            raise TrainingError(_diagnose(loss_value, grad_norm, step, lr, run.model, batches[-1]))
+        window["loss"] += loss_value
         if run.ema is not None:
             run.ema.update(run.model, step)
         for batch in batches:
@@ -345,24 +355,21 @@ def _new_window() -> dict[str, float]:
     return dict.fromkeys(("loss", "samples", "tokens", "flops", "wait", "steps"), 0.0) | {"time": time.perf_counter()}
 
 
-def _micro_step(run: Run, window: dict, step: int) -> Batch:
-    """Forward and backward of one micro-batch; returns the batch."""
+def _micro_step(run: Run, window: dict, step: int) -> tuple[Batch, torch.Tensor]:
+    """Forward and backward of one micro-batch; returns the batch and its (detached) loss."""
     waited = time.perf_counter()
     batch = next(run.batches).to(run.dev.torch_device)
     window["wait"] += time.perf_counter() - waited
     with run.dev.autocast(run.autocast_dtype):
         loss = run.objective.loss(run.engine.model, batch.latents, batch.text, batch.text_mask, run.state.generator).mean()
-    if not torch.isfinite(loss):
-        raise TrainingError(_diagnose(loss.item(), None, step, run.engine.last_lr(), run.model, batch))
     # Data-parallel engines average over dp x sp ranks; SP ranks each hold part of one
     # sample's gradient, so scale by the SP degree to sum them (see parallel/sequence.py).
     run.engine.backward(loss * run.dims.sp)
     shape, text_len = tuple(batch.latents.shape[2:]), batch.text.shape[1]
-    window["loss"] += loss.item() / run.cfg.train.grad_accum
     window["samples"] += len(batch.keys)
     window["tokens"] += len(batch.keys) * run.model.cfg.num_tokens(shape)
     window["flops"] += len(batch.keys) * train_flops(run.model.cfg, shape, text_len)
-    return batch
+    return batch, loss.detach()
 
 
 class _StopFlag:

@@ -6,7 +6,7 @@ patch grid at every call, so any duration, resolution and aspect ratio works wit
 Each block: adaLN-Zero modulated self-attention (QK-norm, RoPE), cross-attention to the text
 tokens with a padding mask, and an adaLN-Zero modulated MLP (Peebles & Xie 2023, PixArt-alpha).
 
-No torch.distributed and no device strings here: parallelism is applied from outside
+No distributed code and no device names here: parallelism is applied from outside
 (sora_dist.parallel), and attribute names are API for its tensor-parallel plan.
 """
 
