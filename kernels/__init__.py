@@ -4,6 +4,13 @@ Every attention in the model calls ``attention()``; the backend is chosen once a
 with ``set_attention_backend`` (the trainer does this from the device and the config).
 """
 
-from sora_dist.kernels.attention import BACKENDS, attention, get_attention_backend, set_attention_backend
+from sora_dist.kernels.attention import (
+    BACKENDS,
+    attention,
+    attention_varlen,
+    get_attention_backend,
+    select_attention_backend,
+    set_attention_backend,
+)
 
-__all__ = ["BACKENDS", "attention", "get_attention_backend", "set_attention_backend"]
+__all__ = ["BACKENDS", "attention", "attention_varlen", "get_attention_backend", "select_attention_backend", "set_attention_backend"]

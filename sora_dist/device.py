@@ -101,8 +101,10 @@ class Device:
 
     @property
     def default_attention_backend(self) -> str:
-        # Every device runs PyTorch SDPA today; fused per-device kernels plug in here.
-        return "sdpa"
+        from sora_dist.kernels import select_attention_backend  # kernels import this module
+
+        capability = torch.cuda.get_device_capability(self.index) if self.kind == "cuda" else None
+        return select_attention_backend(self.kind, capability)
 
     def _module(self):
         return getattr(torch, self.kind)
@@ -132,6 +134,14 @@ class Device:
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.kind, dtype=dtype)
+
+
+def npu_ops() -> ModuleType:
+    """The torch_npu module, for the NPU kernels (they never import it themselves)."""
+    module, reason = _load_torch_npu()
+    if module is None:
+        raise DeviceError(f"an NPU kernel was called but {reason}")
+    return module
 
 
 def detect(requested: str = "auto", local_rank: Optional[int] = None) -> Device:

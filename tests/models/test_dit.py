@@ -121,7 +121,7 @@ def test_video_model_handles_sizes_never_seen():
     assert out.shape == (1, 4, 4, 40, 24)
 
 
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])  # device backends: tests/kernels
 def test_attention_backends_match_reference(backend):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (10, 7, 7))
