@@ -40,6 +40,7 @@ LAYOUTS = {
         "tp2": dict(tp=2),
         "ulysses2": dict(sp_ulysses=2),
         "ring2": dict(sp_ring=2),
+        "zero1": dict(engine="deepspeed", zero_stage=1),
         "zero2": dict(engine="deepspeed", zero_stage=2),
         "zero3": dict(engine="deepspeed", zero_stage=3),
     },

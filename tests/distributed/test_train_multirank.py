@@ -116,3 +116,38 @@ def test_sigterm_to_torchrun_leaves_a_complete_checkpoint(synthetic_dir, tmp_pat
     assert "stop signal received: saving a checkpoint" in output, output[-3000:]
     latest = tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text()
     assert is_complete(latest) == (True, "")
+
+
+def test_bf16_mixed_precision_follows_fp32(synthetic_dir, tmp_path, single_losses):
+    """bf16 autocast with FSDP2's bf16-parameter / fp32-reduction policy on 2 ranks: same curve
+    as fp32 within bf16 rounding."""
+    result = run(common(synthetic_dir, tmp_path) + ["--train.mixed_precision=bf16", "--parallel.sp_ulysses=2"], 2)
+    assert "precision torch.bfloat16" in result.stderr
+    assert losses(tmp_path) == pytest.approx(single_losses, rel=2e-2)
+
+
+def test_fsdp_policy_casts_parameters_and_reduces_in_fp32(tmp_path):
+    """Inside forward the sharded weights arrive as bf16; the gradients that stay are fp32."""
+    script = tmp_path / "policy.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "from sora_dist.config import ParallelConfig\n"
+        "from sora_dist.models import DiTConfig, VideoDiT\n"
+        "from sora_dist.parallel import apply_fsdp, build_mesh, resolve_dims\n"
+        "dist.init_process_group('gloo')\n"
+        "cfg = DiTConfig(in_channels=4, text_dim=8, hidden_size=32, depth=2, num_heads=2)\n"
+        "dims = resolve_dims(ParallelConfig(), 2, cfg)\n"
+        "model = VideoDiT(cfg)\n"
+        "seen = []\n"
+        "model.blocks[0].mlp.fc1.register_forward_pre_hook(lambda m, a: seen.append(m.weight.dtype))\n"
+        "apply_fsdp(model, build_mesh(dims, 'cpu'), dims, torch.bfloat16, True)\n"
+        "x = torch.randn(1, 4, 1, 4, 4)\n"
+        "out = model(x, torch.ones(1), torch.randn(1, 3, 8), torch.ones(1, 3, dtype=torch.bool))\n"
+        "out.float().square().mean().backward()\n"
+        "assert seen == [torch.bfloat16], seen\n"
+        "assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())\n"
+        "dist.destroy_process_group()\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
