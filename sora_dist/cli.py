@@ -1,8 +1,9 @@
-"""``sora-dist`` command line: train | sample | export | make-synthetic | inspect | plot | bench-checkpoint."""
+"""``sora-dist`` command line: train | sample | export | make-synthetic | inspect | plot | bench-train | bench-checkpoint."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -126,6 +127,9 @@ def cmd_plot(args: argparse.Namespace, overrides: list[str]) -> None:
     log.info("loss curves -> %s", args.out)
 
 
+BENCHMARKS = {"bench-train": "sora_dist.bench_train", "bench-checkpoint": "sora_dist.bench_checkpoint"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sora-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA weights")
     p.set_defaults(func=cmd_export, overrides_allowed=False)
 
+    sub.add_parser("bench-train", help="step time, tokens/s, MFU and memory of a preset and layout (see --help)")
     sub.add_parser("bench-checkpoint", help="time checkpoint save/load and async vs blocking overhead (see --help)")
 
     p = sub.add_parser("plot", help="plot the loss curves of several runs on one chart")
@@ -171,10 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench-checkpoint"]:  # its own argument parser (torchrun-able module)
-        from sora_dist.bench_checkpoint import main as bench_main
-
-        return bench_main(argv[1:])
+    if argv[:1] and argv[0] in BENCHMARKS:  # their own argument parsers (torchrun-able modules)
+        return importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not args.overrides_allowed:
