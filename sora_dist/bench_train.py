@@ -27,17 +27,18 @@ import torch.distributed as dist
 from sora_dist import device as device_lib
 from sora_dist.config import load_config
 from sora_dist.diffusion import build_objective
-from sora_dist.kernels import get_attention_backend, set_attention_backend
+from sora_dist.kernels import get_attention_backend
 from sora_dist.models import VideoDiT, count_parameters, resolve_model_config, train_flops
 from sora_dist.parallel import build_mesh, make_engine, parallelize, resolve_dims
-from sora_dist.trainer import _autocast_dtype, param_groups
+from sora_dist.kernels.fused import get_fused_backend
+from sora_dist.trainer import _autocast_dtype, param_groups, select_kernels
 
 TEXT_DIM = 4096  # T5-XXL width
 IN_CHANNELS = 16  # a current video VAE's latent channels
 
 
 def benchmark(args, overrides: list[str]) -> dict:
-    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = load_config(None, [f"--model.preset={args.preset}", *overrides])
     dev = device_lib.detect(cfg.parallel.device)
     if world_size > 1:
@@ -45,7 +46,7 @@ def benchmark(args, overrides: list[str]) -> dict:
     model_cfg = resolve_model_config(cfg.model, IN_CHANNELS, TEXT_DIM)
     dims = resolve_dims(cfg.parallel, world_size, model_cfg)
     mesh = build_mesh(dims, dev.kind) if world_size > 1 else None
-    set_attention_backend(dev.default_attention_backend if cfg.model.attention_backend == "auto" else cfg.model.attention_backend)
+    select_kernels(cfg, dev)
     autocast_dtype = _autocast_dtype(cfg, dev)
     with torch.device("meta"):
         model = VideoDiT(model_cfg)
@@ -79,7 +80,7 @@ def benchmark(args, overrides: list[str]) -> dict:
     result = {
         "date": time.strftime("%Y-%m-%d"), "device": dev.name, "world_size": world_size, "layout": dims.describe(),
         "preset": args.preset, "parameters": count_parameters(model_cfg), "latent": list(shape), "tokens_per_sample": tokens,
-        "batch_per_dp_rank": args.batch, "precision": str(autocast_dtype or "fp32"), "attention": get_attention_backend(),
+        "batch_per_dp_rank": args.batch, "precision": str(autocast_dtype or "fp32"), "attention": get_attention_backend(), "fused": get_fused_backend(),
         "step_s_median": step_s, "step_s_min": min(times),
         "tokens_per_s_per_device": args.batch * dims.dp * tokens / step_s / world_size,
         "tflops_per_device": flops_per_step / step_s / world_size / 1e12,
@@ -94,7 +95,7 @@ def benchmark(args, overrides: list[str]) -> dict:
 def print_table(r: dict) -> None:
     print(f"\ntraining-step benchmark, {r['date']}, {r['device']} x {r['world_size']} ({r['layout']})")
     print(f"  model {r['preset']} ({r['parameters'] / 1e9:.3f}B), latent {r['latent']} = {r['tokens_per_sample']} tokens, "
-          f"{r['batch_per_dp_rank']} sample(s) per data-parallel rank, {r['precision']}, attention {r['attention']}")
+          f"{r['batch_per_dp_rank']} sample(s) per data-parallel rank, {r['precision']}, attention {r['attention']}, fused kernels {r['fused']}")
     mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a (unknown peak: set SORA_DIST_PEAK_TFLOPS)"
     rows = [
         ("step time (median)", f"{r['step_s_median'] * 1e3:.1f} ms"),

@@ -1,4 +1,4 @@
-"""``sora-dist`` command line: train | sample | export | make-synthetic | inspect | plot | bench-train | bench-checkpoint."""
+"""``sora-dist`` command line: train | sample | export | make-synthetic | inspect | plot | bench-train | bench-kernels | bench-checkpoint."""
 
 from __future__ import annotations
 
@@ -127,7 +127,11 @@ def cmd_plot(args: argparse.Namespace, overrides: list[str]) -> None:
     log.info("loss curves -> %s", args.out)
 
 
-BENCHMARKS = {"bench-train": "sora_dist.bench_train", "bench-checkpoint": "sora_dist.bench_checkpoint"}
+BENCHMARKS = {
+    "bench-train": "sora_dist.bench_train",
+    "bench-kernels": "sora_dist.bench_kernels",
+    "bench-checkpoint": "sora_dist.bench_checkpoint",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export, overrides_allowed=False)
 
     sub.add_parser("bench-train", help="step time, tokens/s, MFU and memory of a preset and layout (see --help)")
+    sub.add_parser("bench-kernels", help="attention TFLOP/s, fused kernels' GB/s, step time with fused kernels on/off")
     sub.add_parser("bench-checkpoint", help="time checkpoint save/load and async vs blocking overhead (see --help)")
 
     p = sub.add_parser("plot", help="plot the loss curves of several runs on one chart")

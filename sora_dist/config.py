@@ -43,6 +43,8 @@ class ModelConfig:
     """Base of the 3D rotary position frequencies."""
     attention_backend: str = "auto"
     """Attention kernel: auto (the device's best), or a name from ``sora_dist.kernels.BACKENDS``."""
+    fused_backend: str = "auto"
+    """Norm / RoPE / residual kernels: auto (triton on CUDA, npu on Ascend, reference on CPU), triton, npu or reference."""
 
 
 @dataclass

@@ -33,6 +33,7 @@ from sora_dist.data import Batch, LatentLoader, make_synthetic, read_manifest
 from sora_dist.diffusion import build_objective
 from sora_dist.errors import ConfigError, TrainingError
 from sora_dist.kernels import get_attention_backend, set_attention_backend
+from sora_dist.kernels.fused import get_fused_backend, select_fused_backend, set_fused_backend
 from sora_dist.metrics import MetricsLogger, summarize
 from sora_dist.models import VideoDiT, count_parameters, resolve_model_config, train_flops
 from sora_dist.parallel import DeepSpeedEngine, ParallelDims, build_mesh, local_bytes, make_engine, parallelize, resolve_dims
@@ -127,6 +128,12 @@ def resolved_config(cfg: Config, model_cfg) -> Config:
     return dataclasses.replace(cfg, model=resolved_model)
 
 
+def select_kernels(cfg: Config, dev) -> None:
+    """Pick the attention and fused-kernel backends once, from the device and the config."""
+    set_attention_backend(dev.default_attention_backend if cfg.model.attention_backend == "auto" else cfg.model.attention_backend)
+    set_fused_backend(select_fused_backend(dev.kind) if cfg.model.fused_backend == "auto" else cfg.model.fused_backend)
+
+
 def _prepare_data(cfg: Config, rank: int, distributed: bool) -> None:
     """Rank 0 writes the synthetic dataset if asked and missing; the others wait for it."""
     if rank == 0 and cfg.data.synthetic_if_missing and not Path(cfg.data.path).exists():
@@ -180,7 +187,7 @@ def _build(cfg: Config, dev, world_size: int, rank: int, distributed: bool) -> t
     mesh = build_mesh(dims, dev.kind) if distributed else None
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     loader = LatentLoader(cfg.data, cfg.model.patch_size, dp_rank=dp_rank, dp_size=dims.dp)
-    set_attention_backend(dev.default_attention_backend if cfg.model.attention_backend == "auto" else cfg.model.attention_backend)
+    select_kernels(cfg, dev)
     cfg = resolved_config(cfg, model_cfg)
     out_dir = Path(cfg.train.out_dir)
     if rank == 0:
@@ -226,8 +233,8 @@ def _train(cfg: Config, dev, world_size: int, rank: int, distributed: bool) -> d
     run, model_cfg = _build(cfg, dev, world_size, rank, distributed)
     cfg, dims = run.cfg, run.dims
     log.info(
-        "device %s (%s, backend %s) | attention %s | precision %s | model %s: %.2fM parameters | dataset %s: %d samples",
-        dev.kind, dev.name, dev.comm_backend, get_attention_backend(), run.autocast_dtype or "fp32",
+        "device %s (%s, backend %s) | attention %s | fused kernels %s | precision %s | model %s: %.2fM parameters | dataset %s: %d samples",
+        dev.kind, dev.name, dev.comm_backend, get_attention_backend(), get_fused_backend(), run.autocast_dtype or "fp32",
         cfg.model.preset, count_parameters(model_cfg) / 1e6, cfg.data.path, run.loader.manifest.num_samples,
     )
     log.info(

@@ -22,3 +22,13 @@ def test_checkpoint_benchmark_reports_sizes_times_and_overheads(tmp_path, capsys
     assert r["bytes_per_rank"] > 0 and r["save_s"] > 0 and r["load_s"] > 0
     assert {"overhead_blocking_s", "overhead_async_s", "train_s_none"} <= set(r)
     assert "blocking save" in capsys.readouterr().out
+
+
+def test_kernel_benchmark_runs_cpu_sized_and_prints_its_table(tmp_path, capsys):
+    out = tmp_path / "kernels.json"
+    assert main(["bench-kernels", "--small", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert {row["seq"] for row in r["attention"]} == {256, 1024} and all(row["tflops"] > 0 for row in r["attention"])
+    assert {row["op"] for row in r["fused"]} == {"modulated_layer_norm", "rms_norm (QK-norm)", "rope", "gated_residual"}
+    assert [row["fused"] for row in r["step"]] == ["reference", "reference"]  # on CPU auto picks the reference
+    assert "training step" in capsys.readouterr().out

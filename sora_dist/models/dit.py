@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sora_dist.kernels import attention
+from sora_dist.kernels.fused import gated_residual, modulated_layer_norm, rms_norm
+from sora_dist.kernels.fused import rope as rope_rotate
 
 TIMESTEP_FREQ_DIM = 256
 
@@ -99,20 +101,23 @@ class RotaryEmbedding3D(nn.Module):
         return rope_angles(grid, self.head_dim, self.theta, device)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2i, 2i+1) of x (B, H, N, D) by the angles of each token."""
-    x_pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, N, D/2, 2)
-    x1, x2 = x_pairs[..., 0], x_pairs[..., 1]
-    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
-
-
 # ---------------------------------------------------------------------------------------------
 # Layers
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dimension through the fused-kernel switch (QK-norm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
 
 
 class TimestepEmbedder(nn.Module):
@@ -157,8 +162,8 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(hidden_size, hidden_size)
         self.to_v = nn.Linear(hidden_size, hidden_size)
         self.proj = nn.Linear(hidden_size, hidden_size)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.core = AttentionCore()
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,7 +175,7 @@ class Attention(nn.Module):
         k = self.k_norm(self._heads(self.to_k(source)))
         v = self._heads(self.to_v(source))
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = rope_rotate(q, *rope), rope_rotate(k, *rope)
         out = self.core(q, k, v, context_mask)  # (B, H, N, Dh)
         return self.proj(out.transpose(1, 2).flatten(2))  # (B, N, D)
 
@@ -186,35 +191,35 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
+    """adaLN-Zero block; the parameter-free modulated LayerNorms and the gated residual adds go
+    through the fused-kernel switch (sora_dist.kernels.fused)."""
+
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         d = cfg.hidden_size
-        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(d, cfg.num_heads, cfg.qk_norm)
         self.norm2 = nn.LayerNorm(d, eps=1e-6)
         self.cross_attn = Attention(d, cfg.num_heads, cfg.qk_norm)
-        self.norm3 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(d, cfg.mlp_hidden)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
 
     def forward(self, x, c, context, context_mask, rope):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=rope)
+        x = gated_residual(x, gate_msa, self.attn(modulated_layer_norm(x, shift_msa, scale_msa), rope=rope))
         x = x + self.cross_attn(self.norm2(x), context=context, context_mask=context_mask)
-        x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp))
+        x = gated_residual(x, gate_mlp, self.mlp(modulated_layer_norm(x, shift_mlp, scale_mlp)))
         return x
 
 
 class FinalLayer(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        self.norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=False, eps=1e-6)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden_size, 2 * cfg.hidden_size))
         self.linear = nn.Linear(cfg.hidden_size, cfg.patch_volume * cfg.in_channels)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        return self.linear(modulated_layer_norm(x, shift, scale))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +249,7 @@ class VideoDiT(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
                 module.reset_parameters()
         for linear in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.text_embedder[0], self.text_embedder[2]):
             nn.init.normal_(linear.weight, std=0.02)
