@@ -54,10 +54,6 @@ def cudnn_attention(q, k, v, key_mask=None):
         return sdpa_attention(q, k, v, key_mask)
 
 
-def _flash_module(name: str):
-    return importlib.import_module(name)
-
-
 def _first(out):
     """FlashAttention-3 returns (out, lse), FlashAttention-2 just out."""
     return out[0] if isinstance(out, tuple) else out
@@ -71,7 +67,7 @@ def _flash(module_name: str):
     """A backend over a flash-attn module's flash_attn_func / flash_attn_varlen_func."""
 
     def run(q, k, v, key_mask=None):
-        flash = _flash_module(module_name)
+        flash = importlib.import_module(module_name)
         scale = q.shape[-1] ** -0.5
         q_, k_, v_ = (t.transpose(1, 2) for t in (q, k, v))  # flash-attn takes (B, S, H, D)
         if key_mask is None or bool(key_mask.all()):
@@ -161,7 +157,7 @@ def attention_varlen(q, k, v, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Te
     """Attention within each packed segment. q: (Tq, H, D), k/v: (Tk, H, D); cu_seqlens_*:
     (S+1,) int32 cumulative lengths starting at 0. Uses the active backend's varlen kernel."""
     if _active_name in ("flash2", "flash3"):
-        flash = _flash_module("flash_attn" if _active_name == "flash2" else "flash_attn_interface")
+        flash = importlib.import_module("flash_attn" if _active_name == "flash2" else "flash_attn_interface")
         return _first(flash.flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                                    max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=q.shape[-1] ** -0.5))
     if _active_name == "npu":

@@ -64,8 +64,7 @@ def benchmark(preset: str, steps: int, extra: list[str], workdir: Path) -> dict:
     variants = {"none": [], "blocking": [f"--checkpoint.every_steps={steps // 2}"], "async": [f"--checkpoint.every_steps={steps // 2}", "--checkpoint.async_save=true"]}
     for name, flags in variants.items():
         out = workdir / name
-        seconds, run = _timed_run(base + [f"--train.out_dir={out}", *flags], dev, world_size, rank)
-        results[f"train_s_{name}"] = seconds
+        results[f"train_s_{name}"], _ = _timed_run(base + [f"--train.out_dir={out}", *flags], dev, world_size, rank)
     step_dir = workdir / "blocking" / "checkpoints" / f"step-{steps // 2}"
     results["bytes_per_rank"] = _rank_bytes(step_dir, rank)
     results["bytes_total"] = sum(p.stat().st_size for p in step_dir.rglob("*") if p.is_file())

@@ -210,11 +210,14 @@ class CheckpointManager:
             self._prune()
         _barrier()
 
+    def _finished(self) -> list[Path]:
+        """step-N folders, oldest first; an interrupted save's step-N.tmp is never one."""
+        return sorted((p for p in self.dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")), key=_step_of)
+
     def _prune(self) -> None:
         if self.cfg.keep_last <= 0:
             return
-        finished = sorted((p for p in self.dir.glob("step-*") if not p.name.endswith(".tmp")), key=_step_of)
-        for old in finished[: -self.cfg.keep_last]:
+        for old in self._finished()[: -self.cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
     # -- resume ------------------------------------------------------------------------------
@@ -230,10 +233,7 @@ class CheckpointManager:
             if not ok:
                 raise ConfigError(f"checkpoint.resume={choice}: {path} is not a complete checkpoint: {why}")
             return path
-        candidates = sorted((p for p in self.dir.glob("step-*") if p.is_dir()), key=lambda p: _step_of(p) if not p.name.endswith(".tmp") else -1, reverse=True)
-        for path in candidates:
-            if path.name.endswith(".tmp"):
-                continue
+        for path in reversed(self._finished()):
             ok, why = is_complete(path)
             if ok:
                 return path

@@ -20,6 +20,7 @@ from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -245,8 +246,6 @@ class LatentLoader:
 
     def state_dict(self, group=None) -> dict:
         """The global position (a collective over ``group``, the data-parallel ranks)."""
-        import torch.distributed as dist
-
         distributed = dist.is_available() and dist.is_initialized()
         per_rank = torch.zeros(2 * self.dp_size, dtype=torch.int64)
         per_rank[2 * self.dp_rank : 2 * self.dp_rank + 2] = torch.tensor([self.epoch, self.batches_in_epoch])
