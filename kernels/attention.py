@@ -13,6 +13,9 @@ chosen once at start-up (``select_attention_backend``) and logged by the trainer
   (its default is 1.0, not 1/sqrt(d)).
 - ``reference``: plain softmax(q k^T / sqrt(d)) v, the ground truth of every test.
 
+Ring attention (sequence parallelism across ranks) uses the same backend's fused kernels one key
+block at a time: ``block_kernels()``.
+
 ``attention_varlen`` is the packed entry point, for samples of different sizes sharing one
 sequence without padding: (total_tokens, heads, head_dim) tensors and cumulative lengths.
 """
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from sora_dist.errors import ConfigError
+from sora_dist.kernels.block_attention import BLOCK_KERNELS, BlockBackward, BlockForward
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
@@ -147,6 +151,12 @@ def get_attention_backend() -> str:
 def attention(q, k, v, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention through the backend chosen at start-up."""
     return _active(q, k, v, key_mask)
+
+
+def block_kernels() -> tuple[BlockForward, BlockBackward]:
+    """The active backend's (forward, backward) pair over one key block with its log-sum-exp,
+    which ring attention is built from (see ``block_attention``)."""
+    return BLOCK_KERNELS[_active_name]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,8 @@
 import os
+import sys
+
+# Test helpers shared across folders (stand-in torch_npu / flash-attn modules) live beside this file.
+sys.path.insert(0, os.path.dirname(__file__))
 
 # Single-process tests use both cores; multi-process tests pass OMP_NUM_THREADS=1 to their workers.
 os.environ.setdefault("OMP_NUM_THREADS", "2")

@@ -4,7 +4,8 @@ The plan is declarative and lives outside the model (diffusers' pattern):
 - after ``x_embedder`` and ``rope``: pad the token axis to a multiple of the SP degree and keep
   this rank's contiguous slice;
 - every self-attention ``core``: Ulysses all-to-all (sequence-sharded -> head-sharded and back)
-  within ``sp_ulysses``, and ring attention across ``sp_ring``, with padded keys masked out;
+  within ``sp_ulysses``, and ring attention across ``sp_ring``, both on the active backend's
+  fused kernels, with padded keys (a suffix of the sequence) sliced off;
 - after ``final_layer``: gather the tokens back and drop the padding.
 Cross-attention needs nothing: its keys are the (replicated) text tokens.
 
@@ -54,11 +55,11 @@ class SequenceShards:
             x = F.pad(x, widths)
         return x.narrow(dim, self.sp_rank * self.local_tokens, self.local_tokens)
 
-    def valid_keys(self, first_rank: int, num_ranks: int, batch: int, device) -> torch.Tensor:
-        """(B, n) mask of real (unpadded) tokens held by SP ranks first_rank .. first_rank+num_ranks-1."""
+    def valid_length(self, first_rank: int, num_ranks: int) -> int:
+        """How many of the tokens held by SP ranks first_rank .. first_rank+num_ranks-1 are real;
+        padding is a suffix of the sequence, so these are the first ones."""
         start = first_rank * self.local_tokens
-        positions = torch.arange(start, start + num_ranks * self.local_tokens, device=device)
-        return (positions < self.num_tokens).expand(batch, -1)
+        return max(0, min(num_ranks * self.local_tokens, self.num_tokens - start))
 
 
 def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -131,13 +132,13 @@ class SequenceParallelAttention(nn.Module):
         if self.ulysses > 1:
             q, k, v = (_UlyssesAllToAll.apply(t, self.ulysses_group, True) for t in (q, k, v))
         # After the all-to-all this rank holds the tokens of the U consecutive SP ranks of its
-        # Ulysses group; SP rank = ring_rank * U + ulysses_rank.
-        first = (self.shards.sp_rank // self.ulysses) * self.ulysses
-        valid = self.shards.valid_keys(first, self.ulysses, q.shape[0], q.device)
+        # Ulysses group; SP rank = ring_rank * U + ulysses_rank. Padded keys are cut off the end.
         if self.ring > 1:
-            out = ring_attention(q, k, v, valid, self.ring_group)
+            lengths = [self.shards.valid_length(r * self.ulysses, self.ulysses) for r in range(self.ring)]
+            out = ring_attention(q, k, v, lengths, self.ring_group)
         else:
-            out = attention(q, k, v, None if bool(valid.all()) else valid)
+            valid = self.shards.valid_length(0, self.ulysses)
+            out = attention(q, k[:, :, :valid], v[:, :, :valid])
         if self.ulysses > 1:
             out = _UlyssesAllToAll.apply(out, self.ulysses_group, False)
         return out

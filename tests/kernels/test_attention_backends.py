@@ -4,78 +4,13 @@ of flash-attn and torch_npu (layouts, mask polarity, explicit scale, cumulative 
 compute with the reference."""
 
 import sys
-import types
 
 import pytest
 import torch
 
 from sora_dist.kernels import BACKENDS, attention, attention_varlen, select_attention_backend, set_attention_backend
 from sora_dist.kernels.attention import reference_attention
-
-
-def _dense_reference(q, k, v, scale, masked=None):
-    """(B, H, S, D) attention with an optional 'True = masked out' (B, 1, Sq, Sk) mask."""
-    scores = torch.einsum("bhnd,bhmd->bhnm", q, k) * scale
-    if masked is not None:
-        scores = scores.masked_fill(masked, float("-inf"))
-    return torch.einsum("bhnm,bhmd->bhnd", scores.softmax(-1), v)
-
-
-def fake_torch_npu():
-    module = types.ModuleType("torch_npu")
-    module.calls = []
-
-    def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, padding_mask=None, atten_mask=None,
-                             scale=1.0, keep_prob=1.0, pre_tockens=2147483647, next_tockens=2147483647, inner_precise=0,
-                             prefix=None, actual_seq_qlen=None, actual_seq_kvlen=None, sparse_mode=0,
-                             gen_mask_parallel=True, sync=False):
-        module.calls.append(input_layout)
-        assert scale != 1.0, "scale defaults to 1.0 in torch_npu: pass 1/sqrt(head_dim)"
-        assert keep_prob == 1.0
-        if input_layout == "BNSD":
-            assert query.shape[1] == head_num
-            if atten_mask is not None:
-                assert atten_mask.dtype == torch.bool and atten_mask.shape == (query.shape[0], 1, query.shape[2], key.shape[2])
-            out = _dense_reference(query, key, value, scale, atten_mask)
-        elif input_layout == "TND":
-            assert query.shape[1] == head_num and actual_seq_qlen is not None and actual_seq_kvlen is not None
-            assert actual_seq_qlen[-1] == query.shape[0] and actual_seq_kvlen[-1] == key.shape[0], "cumulative lengths"
-            out, start_q, start_k = [], 0, 0
-            for end_q, end_k in zip(actual_seq_qlen, actual_seq_kvlen):
-                seg = [t.transpose(0, 1)[None] for t in (query[start_q:end_q], key[start_k:end_k], value[start_k:end_k])]
-                out.append(_dense_reference(*seg, scale)[0].transpose(0, 1))
-                start_q, start_k = end_q, end_k
-            out = torch.cat(out)
-        else:
-            raise AssertionError(f"unexpected layout {input_layout}")
-        return out, None, None, None, 0, 0, 0
-
-    module.npu_fusion_attention = npu_fusion_attention
-    return module
-
-
-def fake_flash_attn(returns_lse: bool):
-    module = types.ModuleType("flash_attn")
-
-    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
-        assert q.dim() == 4 and softmax_scale is not None and not causal
-        out = _dense_reference(*(t.transpose(1, 2) for t in (q, k, v)), softmax_scale).transpose(1, 2)  # (B, S, H, D)
-        return (out, None) if returns_lse else out
-
-    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None, causal=False):
-        assert q.dim() == 3 and cu_seqlens_q.dtype == torch.int32 and cu_seqlens_k.dtype == torch.int32
-        assert int(cu_seqlens_q[0]) == 0 and int(cu_seqlens_q[-1]) == q.shape[0] and int(cu_seqlens_k[-1]) == k.shape[0]
-        out = []
-        for i in range(len(cu_seqlens_q) - 1):
-            sq, sk = slice(int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1])), slice(int(cu_seqlens_k[i]), int(cu_seqlens_k[i + 1]))
-            assert sq.stop - sq.start <= max_seqlen_q and sk.stop - sk.start <= max_seqlen_k
-            seg = [t.transpose(0, 1)[None] for t in (q[sq], k[sk], v[sk])]
-            out.append(_dense_reference(*seg, softmax_scale)[0].transpose(0, 1))
-        out = torch.cat(out)
-        return (out, None) if returns_lse else out
-
-    module.flash_attn_func, module.flash_attn_varlen_func = flash_attn_func, flash_attn_varlen_func
-    return module
+from stand_ins import fake_flash_attn, fake_torch_npu
 
 
 @pytest.fixture

@@ -3,34 +3,14 @@ of several shapes including odd widths: Triton through its CPU interpreter (fp32
 through a stand-in torch_npu that enforces the ops' documented signatures."""
 
 import sys
-import types
 
 import pytest
 import torch
 
 from sora_dist.kernels import fused
+from stand_ins import fake_torch_npu
 
 SHAPES = [(2, 7, 64), (1, 33, 48), (3, 5, 30)]  # (B, N, D): powers of two and odd widths
-
-
-def fake_torch_npu():
-    module = types.ModuleType("torch_npu")
-    module.calls = []
-
-    def npu_rms_norm(x, gamma, epsilon=1e-6):
-        module.calls.append("npu_rms_norm")
-        assert gamma.shape == x.shape[-1:]
-        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + epsilon)
-        return (x.float() * rstd).type_as(x) * gamma, rstd
-
-    def npu_rotary_mul(x, r1, r2):
-        module.calls.append("npu_rotary_mul")
-        assert x.dim() == 4 and r1.shape == r2.shape and r1.shape[-1] == x.shape[-1] and r1.shape[:2] == (1, 1)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * r1 + torch.cat((-x2, x1), dim=-1) * r2  # rotate_half
-
-    module.npu_rms_norm, module.npu_rotary_mul = npu_rms_norm, npu_rotary_mul
-    return module
 
 
 @pytest.fixture
