@@ -1,4 +1,4 @@
-"""``sora-dist`` command line: train | sample | export | make-synthetic | inspect | plot | bench-train | bench-kernels | bench-checkpoint."""
+"""``sora-dist`` command line: train | sample | export | make-synthetic | encode | decode | inspect | plot | bench-train | bench-kernels | bench-checkpoint | bench-loader."""
 
 from __future__ import annotations
 
@@ -63,6 +63,14 @@ def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> None:
     out = Path(args.out or run / "sample_cli.png")
     save_frame_grid(list(latents), [f"{caption}\n(seed {args.seed}, #{i})" for i in range(len(latents))], out)
     log.info("sampled %d clips of %r -> %s", len(latents), caption, out)
+    if args.vae:
+        from sora_dist.data.decode import decode_to_file
+        from sora_dist.data.encoders import VideoVAE
+
+        vae = VideoVAE(args.vae, args.vae_subfolder, dev.torch_device)
+        for i, latent in enumerate(latents):
+            path, shape = decode_to_file(vae, latent, out.with_name(f"{out.stem}_{i}{args.video_format}"), args.fps)
+            log.info("decoded clip %d: %d frames of %dx%d -> %s", i, shape[0], shape[2], shape[1], path)
 
 
 def cmd_make_synthetic(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -71,6 +79,23 @@ def cmd_make_synthetic(args: argparse.Namespace, overrides: list[str]) -> None:
     make_synthetic(args.out, args.samples, args.seed, args.samples_per_shard)
     manifest = read_manifest(args.out)
     log.info("%s: %d samples in %d shards", args.out, manifest.num_samples, len(manifest.shards))
+
+
+def cmd_encode(args: argparse.Namespace, overrides: list[str]) -> None:
+    from sora_dist.data.encode import EncodeConfig, run_encode
+
+    fields = {k: v for k, v in vars(args).items() if k in EncodeConfig.__dataclass_fields__ and v is not None}
+    run_encode(EncodeConfig(**fields))
+
+
+def cmd_decode(args: argparse.Namespace, overrides: list[str]) -> None:
+    from sora_dist import device as device_lib
+    from sora_dist.data.decode import decode_dataset
+    from sora_dist.data.encoders import VideoVAE
+
+    vae = VideoVAE(args.vae, args.vae_subfolder, device_lib.detect(args.device).torch_device)
+    written = decode_dataset(args.data, vae, args.out, args.num, args.format)
+    log.info("decoded %d samples of %s -> %s", len(written), args.data, args.out)
 
 
 def cmd_inspect(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -131,6 +156,7 @@ BENCHMARKS = {
     "bench-train": "sora_dist.bench_train",
     "bench-kernels": "sora_dist.bench_kernels",
     "bench-checkpoint": "sora_dist.bench_checkpoint",
+    "bench-loader": "sora_dist.bench_loader",
 }
 
 
@@ -149,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--out", default="", help="PNG path (default: RUN/sample_cli.png)")
+    p.add_argument("--vae", default="", help="also decode the clips with this diffusers VAE (the dataset's) into videos beside the PNG")
+    p.add_argument("--vae-subfolder", default="")
+    p.add_argument("--video-format", default=".mp4", choices=[".mp4", ".gif"])
+    p.add_argument("--fps", type=float, default=8.0, help="frame rate of the decoded videos")
     p.set_defaults(func=cmd_sample, overrides_allowed=True)
 
     p = sub.add_parser("make-synthetic", help="write a synthetic dataset of moving coloured blobs")
@@ -157,6 +187,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples-per-shard", type=int, default=64)
     p.set_defaults(func=cmd_make_synthetic, overrides_allowed=False)
+
+    p = sub.add_parser("encode", help="encode videos/images and captions into latent shards (runs under torchrun too)")
+    p.add_argument("--input", required=True, help="folder of videos/images with <name>.txt captions, or a .csv / .jsonl of path, caption")
+    p.add_argument("--out", required=True, help="dataset folder to write (resumes if it holds the same job)")
+    p.add_argument("--vae", required=True, help="diffusers VAE: local folder or hub name")
+    p.add_argument("--text-encoder", dest="text_encoder", required=True, help="transformers text encoder + tokenizer: local folder or hub name")
+    p.add_argument("--vae-subfolder", dest="vae_subfolder")
+    p.add_argument("--text-encoder-subfolder", dest="text_encoder_subfolder")
+    p.add_argument("--tokenizer-subfolder", dest="tokenizer_subfolder")
+    p.add_argument("--max-text-length", dest="max_text_length", type=int)
+    p.add_argument("--buckets", nargs="+", help="FRAMESxHEIGHTxWIDTH sizes, e.g. 1x256x256 33x256x448 (1-frame buckets take images)")
+    p.add_argument("--fps", type=float, help="sample video frames at this rate (0: the source rate)")
+    p.add_argument("--samples-per-shard", dest="samples_per_shard", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--device", help="auto, cuda, npu or cpu")
+    p.set_defaults(func=cmd_encode, overrides_allowed=False)
+
+    p = sub.add_parser("decode", help="decode a dataset's latents back into videos with its VAE")
+    p.add_argument("--data", required=True, help="dataset folder (manifest.json + shards)")
+    p.add_argument("--vae", required=True, help="the diffusers VAE that encoded it")
+    p.add_argument("--vae-subfolder", default="")
+    p.add_argument("--out", required=True, help="folder for the decoded clips")
+    p.add_argument("--num", type=int, default=4, help="how many samples, in dataset order")
+    p.add_argument("--format", default=".mp4", choices=[".mp4", ".gif"])
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_decode, overrides_allowed=False)
 
     p = sub.add_parser("export", help="write a checkpoint's consolidated weights as safetensors")
     p.add_argument("checkpoint", help="a step-N checkpoint folder")
@@ -167,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench-train", help="step time, tokens/s, MFU and memory of a preset and layout (see --help)")
     sub.add_parser("bench-kernels", help="attention TFLOP/s, fused kernels' GB/s, step time with fused kernels on/off")
     sub.add_parser("bench-checkpoint", help="time checkpoint save/load and async vs blocking overhead (see --help)")
+    sub.add_parser("bench-loader", help="shard streaming samples/s and MB/s, and data wait against a step time (see --help)")
 
     p = sub.add_parser("plot", help="plot the loss curves of several runs on one chart")
     p.add_argument("runs", nargs="+", help="run folders, optionally labelled: LABEL=runs/x")

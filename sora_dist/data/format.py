@@ -45,6 +45,10 @@ class Manifest:
     """Latents were multiplied by this after encoding (the VAE's scaling factor)."""
     shift_factor: float = 0.0
     """Latents had this subtracted before scaling (some VAEs have one)."""
+    latents_mean: list[float] = field(default_factory=list)
+    """Per-channel mean subtracted before scaling, for VAEs normalized per channel (Wan); empty if none."""
+    latents_std: list[float] = field(default_factory=list)
+    """Per-channel std the latents were divided by, with ``latents_mean``; empty if none."""
     vae: str = ""
     """Name or path of the VAE that encoded the latents."""
     text_encoder: str = ""

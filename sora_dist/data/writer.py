@@ -1,4 +1,6 @@
-"""Writes samples into tar shards and, on close, the manifest."""
+"""Writes samples into tar shards and, on close, the manifest. ``add_sample`` and
+``write_manifest`` are also the building blocks of the distributed encoder, whose ranks write
+their own shards and merge one manifest at the end."""
 
 from __future__ import annotations
 
@@ -11,6 +13,21 @@ from typing import Optional
 
 from sora_dist.data.format import MANIFEST_NAME, Manifest, Sample, encode_sample, shape_key, shard_name
 from sora_dist.errors import DataError
+
+
+def add_sample(tar: tarfile.TarFile, sample: Sample) -> None:
+    """Append one sample's members (latent, text, optional pooled, json) to an open tar."""
+    for ext, payload in encode_sample(sample).items():
+        info = tarfile.TarInfo(f"{sample.key}.{ext}")
+        info.size, info.mode = len(payload), 0o444
+        tar.addfile(info, io.BytesIO(payload))
+
+
+def write_manifest(out_dir: Path, manifest: Manifest) -> None:
+    """Write ``manifest.json`` atomically (tmp + rename): a reader never sees half of it."""
+    tmp = out_dir / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(manifest.to_json())
+    os.replace(tmp, out_dir / MANIFEST_NAME)
 
 
 class ShardWriter:
@@ -59,10 +76,7 @@ class ShardWriter:
             )
         if self._tar is None:
             self._tar = tarfile.open(self._path(len(self.shards)).with_suffix(".tar.tmp"), "w")
-        for ext, payload in encode_sample(sample).items():
-            info = tarfile.TarInfo(f"{sample.key}.{ext}")
-            info.size, info.mode = len(payload), 0o444
-            self._tar.addfile(info, io.BytesIO(payload))
+        add_sample(self._tar, sample)
         self.shapes[shape_key(sample.latent.shape[1:])] += 1
         self._count += 1
         if self._count == self.samples_per_shard:
@@ -80,7 +94,5 @@ class ShardWriter:
             shapes=dict(sorted(self.shapes.items())),
             **self.manifest_fields,
         )
-        tmp = self.out_dir / (MANIFEST_NAME + ".tmp")
-        tmp.write_text(manifest.to_json())
-        os.replace(tmp, self.out_dir / MANIFEST_NAME)
+        write_manifest(self.out_dir, manifest)
         return manifest
