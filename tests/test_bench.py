@@ -32,3 +32,18 @@ def test_kernel_benchmark_runs_cpu_sized_and_prints_its_table(tmp_path, capsys):
     assert {row["op"] for row in r["fused"]} == {"modulated_layer_norm", "rms_norm (QK-norm)", "rope", "gated_residual"}
     assert [row["fused"] for row in r["step"]] == ["reference", "reference"]  # on CPU auto picks the reference
     assert "training step" in capsys.readouterr().out
+
+
+def test_loader_benchmark_reports_throughput_and_data_wait(tmp_path, capsys):
+    out = tmp_path / "loader.json"
+    assert main(["bench-loader", "--profiles", "demo", "xl256", "--workers", "0", "1", "--batches", "3", "--samples", "12",
+                 "--step-ms", "xl256=5", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["profile"], r["workers"]) for r in rows] == [("demo", 0), ("demo", 1), ("xl256", 0), ("xl256", 1)]
+    for r in rows:
+        assert r["samples_per_s"] > 0 and r["mb_per_s"] > 0 and 0 <= r["data_wait_frac"]
+    xl = rows[2]
+    assert xl["samples_per_batch"] == 3  # 8192-token budget over 9 x 16 x 16 tokens
+    assert xl["step_ms"] == 5 and xl["step_source"] == "given" and xl["samples_per_s_needed"] == 3 / 0.005
+    assert rows[0]["step_source"] == "measured here"
+    assert "needed/s" in capsys.readouterr().out

@@ -5,6 +5,7 @@ import tarfile
 from collections import Counter
 
 import numpy as np
+import torch
 import pytest
 
 from sora_dist.config import DataConfig
@@ -58,6 +59,9 @@ def test_round_trip_preserves_every_array_and_caption(tmp_path):
     by_key = {s.key: s for s in samples}
     seen = 0
     for batch in all_batches(loader(tmp_path / "ds")):
+        assert batch.latents.dtype == batch.text.dtype == torch.float16  # as stored, until .to(device)
+        batch = batch.to(torch.device("cpu"))
+        assert batch.latents.dtype == batch.text.dtype == torch.float32
         for i, key in enumerate(batch.keys):
             original = by_key[key]
             np.testing.assert_array_equal(batch.latents[i].numpy(), original.latent.astype(np.float32))
