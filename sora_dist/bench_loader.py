@@ -14,8 +14,10 @@ Each profile writes shards of its sample size to a temporary folder (or streams 
   at 40% MFU by default) unless ``--step-ms`` gives a measured one (``sora-dist bench-train``).
 
 Throughput is the loader alone, as fast as it goes. The data wait runs the loader against a
-stand-in step that sleeps for the step time (the accelerator busy, the host cores free) and
-reports the time spent waiting for the next batch as a share of the step time. Numbers are per
+stand-in step and reports the time spent waiting for the next batch as a share of the step time,
+twice: with a step that sleeps (the accelerator busy, the host idle), and with one whose first
+``--host-busy`` share is spent in Python holding the GIL, as an eager training step launching
+kernels does, so that the loader's handover thread must compete for it. Numbers are per
 data-parallel rank: on a node, each rank's workers share its CPU cores.
 """
 
@@ -89,17 +91,25 @@ def throughput(cfg: Config, data: Path, workers: int, batches: int) -> dict:
     return {"samples_per_s": samples / seconds, "mb_per_s": nbytes / seconds / 1e6, "samples_per_batch": samples / batches}
 
 
-def data_wait(cfg: Config, data: Path, workers: int, batches: int, step_s: float) -> float:
-    """Share of the step time spent waiting for batches while a stand-in step sleeps step_s."""
+def stand_in_step(step_s: float, host_busy: float) -> None:
+    """Spin in Python, holding the GIL, for ``host_busy`` of ``step_s``; sleep the rest."""
+    busy_until = time.perf_counter() + host_busy * step_s
+    while time.perf_counter() < busy_until:
+        pass
+    time.sleep((1 - host_busy) * step_s)
+
+
+def data_wait(cfg: Config, data: Path, workers: int, batches: int, step_s: float, host_busy: float = 0.0) -> float:
+    """Share of the step time spent waiting for batches between stand-in steps of step_s."""
     stream = iter(_loader(cfg, data, workers))
     next(stream)
-    time.sleep(step_s)
+    stand_in_step(step_s, host_busy)
     waited = 0.0
     for _ in range(batches):
         start = time.perf_counter()
         next(stream)
         waited += time.perf_counter() - start
-        time.sleep(step_s)
+        stand_in_step(step_s, host_busy)
     return waited / (batches * step_s)
 
 
@@ -151,10 +161,12 @@ def run_profile(name: str, args, workdir: Path) -> list[dict]:
             source = f"estimated: {args.peak_tflops:g} TFLOP/s at {args.mfu:.0%} MFU"
         needed = speed["samples_per_batch"] / step_s
         wait = data_wait(cfg, data, workers, args.batches, step_s)
+        wait_busy = data_wait(cfg, data, workers, args.batches, step_s, args.host_busy)
         rows.append({"profile": name, "workers": workers, **speed, "step_ms": step_s * 1e3, "step_source": source,
-                     "samples_per_s_needed": needed, "data_wait_frac": wait})
+                     "samples_per_s_needed": needed, "data_wait_frac": wait, "host_busy": args.host_busy,
+                     "data_wait_frac_host_busy": wait_busy})
         print(f"  {name:<7} {workers:>7} {speed['samples_per_s']:>10.1f} {speed['mb_per_s']:>8.1f} {speed['samples_per_batch']:>8.1f}"
-              f" {step_s * 1e3:>9.1f} {needed:>10.1f} {wait:>8.2%}   {source}", flush=True)
+              f" {step_s * 1e3:>9.1f} {needed:>10.1f} {wait:>8.2%} {wait_busy:>9.2%}   {source}", flush=True)
     return rows
 
 
@@ -174,11 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-ms", type=_step_ms, nargs="*", default=[], metavar="PROFILE=MS", help="measured step times")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="for estimated step times (H100 SXM dense bf16)")
     parser.add_argument("--mfu", type=float, default=0.4, help="for estimated step times")
+    parser.add_argument("--host-busy", type=float, default=0.5, help="share of the step the training thread holds the GIL, for the second wait")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
     args.step_ms = dict(args.step_ms)
-    print(f"loader benchmark, {time.strftime('%Y-%m-%d')}; per data-parallel rank; wait = share of step time spent waiting")
-    print(f"  {'profile':<7} {'workers':>7} {'samples/s':>10} {'MB/s':>8} {'batch':>8} {'step ms':>9} {'needed/s':>10} {'wait':>8}   step time")
+    if not 0 <= args.host_busy < 1:
+        parser.error(f"--host-busy={args.host_busy} must be in [0, 1)")
+    print(f"loader benchmark, {time.strftime('%Y-%m-%d')}; per data-parallel rank; wait = share of step time spent waiting "
+          f"(busy: the step holds the GIL for its first {args.host_busy:.0%})")
+    print(f"  {'profile':<7} {'workers':>7} {'samples/s':>10} {'MB/s':>8} {'batch':>8} {'step ms':>9} {'needed/s':>10} {'wait':>8} {'wait busy':>9}   step time")
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.profiles:

@@ -186,7 +186,7 @@ def _build(cfg: Config, dev, world_size: int, rank: int, distributed: bool) -> t
         raise ConfigError("optim.ema_decay > 0 needs whole parameters; DeepSpeed ZeRO-3 partitions them: set optim.ema_decay=0 or use engine=fsdp")
     mesh = build_mesh(dims, dev.kind) if distributed else None
     dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
-    loader = LatentLoader(cfg.data, cfg.model.patch_size, dp_rank=dp_rank, dp_size=dims.dp)
+    loader = LatentLoader(cfg.data, cfg.model.patch_size, dp_rank=dp_rank, dp_size=dims.dp, pin_memory=dev.kind != "cpu")
     select_kernels(cfg, dev)
     cfg = resolved_config(cfg, model_cfg)
     out_dir = Path(cfg.train.out_dir)
@@ -248,7 +248,10 @@ def _train(cfg: Config, dev, world_size: int, rank: int, distributed: bool) -> d
     run.batches = iter(run.loader)  # after a resume has set the loader's position
     start = time.perf_counter()
     with _stop_signals() as stop:
-        steps_done = run_loop(run, stop)
+        try:
+            steps_done = run_loop(run, stop)
+        finally:
+            run.batches.close()  # the loader thread and DataLoader workers stop here, not at exit
     run.metrics.close()
     seconds = time.perf_counter() - start
     if run.loader.skipped:

@@ -41,7 +41,7 @@ def test_loader_benchmark_reports_throughput_and_data_wait(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["profile"], r["workers"]) for r in rows] == [("demo", 0), ("demo", 1), ("xl256", 0), ("xl256", 1)]
     for r in rows:
-        assert r["samples_per_s"] > 0 and r["mb_per_s"] > 0 and 0 <= r["data_wait_frac"]
+        assert r["samples_per_s"] > 0 and r["mb_per_s"] > 0 and 0 <= r["data_wait_frac"] and 0 <= r["data_wait_frac_host_busy"]
     xl = rows[2]
     assert xl["samples_per_batch"] == 3  # 8192-token budget over 9 x 16 x 16 tokens
     assert xl["step_ms"] == 5 and xl["step_source"] == "given" and xl["samples_per_s_needed"] == 3 / 0.005

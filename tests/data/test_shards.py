@@ -1,7 +1,12 @@
 import io
+import itertools
 import json
 import logging
+import subprocess
+import sys
 import tarfile
+import threading
+import time
 from collections import Counter
 
 import numpy as np
@@ -11,6 +16,7 @@ import pytest
 from sora_dist.config import DataConfig
 from sora_dist.data import LatentLoader, Sample, ShardWriter, batch_size_for, read_manifest
 from sora_dist.data.format import MANIFEST_NAME
+from sora_dist.data.loader import run_ahead
 from sora_dist.errors import DataError
 
 PATCH = (1, 2, 2)
@@ -100,6 +106,76 @@ def test_every_sample_once_per_epoch_across_ranks_and_workers(tmp_path, num_work
         assert rank_keys, f"rank {rank} got nothing"
         keys.update(rank_keys)
     assert keys == Counter(f"k{i:05d}" for i in range(40))
+
+
+def test_worker_batches_leave_shared_memory_on_the_loader_thread(tmp_path):
+    write_dataset(tmp_path / "ds", make_samples(12), per_shard=4)
+    for batch in loader(tmp_path / "ds", num_workers=2).epoch_batches(0):
+        assert not (batch.latents.is_shared() or batch.text.is_shared() or batch.text_mask.is_shared())
+
+
+def test_pinned_batches_when_asked(tmp_path, monkeypatch):
+    write_dataset(tmp_path / "ds", make_samples(12), per_shard=4)
+    pinned_on = []
+
+    def pin(tensor):  # a CPU-only torch cannot pin: record which thread asked, and copy
+        pinned_on.append(threading.current_thread().name)
+        return tensor.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    cfg = DataConfig(path=str(tmp_path / "ds"), num_workers=0, shuffle_buffer=4, tokens_per_batch=48, max_batch_size=3)
+    batches = list(LatentLoader(cfg, PATCH, pin_memory=True).epoch_batches(0))
+    assert len(pinned_on) == 3 * len(batches) and set(pinned_on) == {"sora-dist-loader"}
+
+
+def test_run_ahead_keeps_order_raises_the_producers_error_and_stops_when_abandoned():
+    assert list(run_ahead(iter(range(50)), depth=3, stage=lambda x: 2 * x)) == [2 * x for x in range(50)]
+
+    def failing():
+        yield 1
+        raise KeyError("shard gone")
+
+    stream = run_ahead(failing(), depth=2)
+    assert next(stream) == 1
+    with pytest.raises(KeyError, match="shard gone"):
+        next(stream)
+
+    produced = []
+
+    def endless():
+        for i in itertools.count():
+            produced.append(i)
+            yield i
+
+    before = set(threading.enumerate())
+    stream = run_ahead(endless(), depth=2)
+    assert [next(stream) for _ in range(3)] == [0, 1, 2]
+    (thread,) = set(threading.enumerate()) - before
+    stream.close()
+    assert not thread.is_alive()  # close() waits for it
+    assert len(produced) <= 3 + 2 + 2  # taken, queued, and at most one in hand when it stopped
+
+
+ABANDON = """
+import sys
+from sora_dist.config import DataConfig
+from sora_dist.data import LatentLoader
+
+def train_a_little(path):
+    cfg = DataConfig(path=path, num_workers=2, shuffle_buffer=4, tokens_per_batch=48, max_batch_size=3)
+    batches = iter(LatentLoader(cfg, (1, 2, 2)))
+    next(batches), next(batches)  # mid-epoch: workers and the loader thread are busy
+
+train_a_little(sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("attempt", range(3))  # the hang it guards against was a race
+def test_a_process_that_abandons_a_worker_stream_exits(tmp_path, attempt):
+    write_dataset(tmp_path / "ds", make_samples(60), per_shard=5)
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", ABANDON, str(tmp_path / "ds")], check=True, timeout=60)
+    assert time.perf_counter() - started < 30
 
 
 def test_epochs_reshuffle(tmp_path):
