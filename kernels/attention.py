@@ -67,10 +67,16 @@ def _cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
     return F.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
 
 
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def _flash(module_name: str):
-    """A backend over a flash-attn module's flash_attn_func / flash_attn_varlen_func."""
+    """A backend over a flash-attn module's flash_attn_func / flash_attn_varlen_func. flash-attn
+    computes in fp16/bf16 only; fp32 calls (an fp32 run, or sampling outside autocast) take SDPA."""
 
     def run(q, k, v, key_mask=None):
+        if q.dtype not in FLASH_DTYPES:
+            return sdpa_attention(q, k, v, key_mask)
         flash = importlib.import_module(module_name)
         scale = q.shape[-1] ** -0.5
         q_, k_, v_ = (t.transpose(1, 2) for t in (q, k, v))  # flash-attn takes (B, S, H, D)
@@ -166,7 +172,7 @@ def block_kernels() -> tuple[BlockForward, BlockBackward]:
 def attention_varlen(q, k, v, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int) -> torch.Tensor:
     """Attention within each packed segment. q: (Tq, H, D), k/v: (Tk, H, D); cu_seqlens_*:
     (S+1,) int32 cumulative lengths starting at 0. Uses the active backend's varlen kernel."""
-    if _active_name in ("flash2", "flash3"):
+    if _active_name in ("flash2", "flash3") and q.dtype in FLASH_DTYPES:
         flash = importlib.import_module("flash_attn" if _active_name == "flash2" else "flash_attn_interface")
         return _first(flash.flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                                    max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, softmax_scale=q.shape[-1] ** -0.5))

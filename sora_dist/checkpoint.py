@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -109,6 +110,21 @@ def is_complete(path: Path) -> tuple[bool, str]:
 
 def _step_of(path: Path) -> int:
     return int(path.name.split("-", 1)[1])
+
+
+def finished_checkpoints(folder: Path) -> list[Path]:
+    """step-N folders, oldest first; an interrupted save's step-N.tmp is never one."""
+    return sorted((p for p in Path(folder).glob("step-*") if p.is_dir() and p.name[5:].isdigit()), key=_step_of)
+
+
+def newest_complete(folder: Path) -> Optional[Path]:
+    """The newest checkpoint in ``folder`` that is complete; broken ones are logged and skipped."""
+    for path in reversed(finished_checkpoints(folder)):
+        ok, why = is_complete(path)
+        if ok:
+            return path
+        log.warning("skipping checkpoint %s: %s; trying the one before", path, why)
+    return None
 
 
 class CheckpointManager:
@@ -210,14 +226,10 @@ class CheckpointManager:
             self._prune()
         _barrier()
 
-    def _finished(self) -> list[Path]:
-        """step-N folders, oldest first; an interrupted save's step-N.tmp is never one."""
-        return sorted((p for p in self.dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")), key=_step_of)
-
     def _prune(self) -> None:
         if self.cfg.keep_last <= 0:
             return
-        for old in self._finished()[: -self.cfg.keep_last]:
+        for old in finished_checkpoints(self.dir)[: -self.cfg.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
     # -- resume ------------------------------------------------------------------------------
@@ -233,12 +245,7 @@ class CheckpointManager:
             if not ok:
                 raise ConfigError(f"checkpoint.resume={choice}: {path} is not a complete checkpoint: {why}")
             return path
-        for path in reversed(self._finished()):
-            ok, why = is_complete(path)
-            if ok:
-                return path
-            log.warning("skipping checkpoint %s: %s; trying the one before", path, why)
-        return None
+        return newest_complete(self.dir)
 
     def load(self, path: Path, state: "TrainState") -> None:
         """Restore everything ``save`` wrote, into the current (possibly different) layout."""
@@ -326,6 +333,20 @@ class TrainState:
         return True
 
 
+def gather_to_rank0(tensors: dict[str, torch.Tensor]) -> Optional[dict[str, torch.Tensor]]:
+    """Whole copies of ``tensors`` in rank 0's CPU memory, None on the other ranks. Sharded ones
+    (DTensors) are gathered one at a time, a collective every rank must join, so an accelerator
+    holds at most one whole tensor beyond its shards."""
+    rank = dist.get_rank() if _distributed() else 0
+    whole_on_rank0 = {}
+    for name, tensor in tensors.items():
+        whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        if rank == 0:
+            whole_on_rank0[name] = whole.detach().to("cpu", copy=True).contiguous()
+        del whole
+    return whole_on_rank0 if rank == 0 else None
+
+
 def load_weights_for_export(path: Path, model: torch.nn.Module, ema: bool) -> str:
     """Fill a single-device model from a DCP checkpoint (no process group needed); returns
     which weights were used ('ema' or 'model')."""
@@ -341,4 +362,4 @@ def load_weights_for_export(path: Path, model: torch.nn.Module, ema: bool) -> st
     return use
 
 
-__all__ = ["CheckpointManager", "TrainState", "is_complete", "load_weights_for_export"]
+__all__ = ["CheckpointManager", "TrainState", "finished_checkpoints", "gather_to_rank0", "is_complete", "load_weights_for_export", "newest_complete"]

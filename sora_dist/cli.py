@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from sora_dist.config import describe_keys
 from sora_dist.errors import SoraDistError
 
 log = logging.getLogger("sora_dist")
@@ -37,30 +38,24 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> None:
-    from safetensors.torch import load_file
-
     from sora_dist import device as device_lib
+    from sora_dist.build import autocast_dtype
     from sora_dist.config import load_config
     from sora_dist.data import LatentLoader
     from sora_dist.diffusion import build_objective
-    from sora_dist.errors import ConfigError
-    from sora_dist.sampling import caption_embedding, generate
-    from sora_dist.trainer import build_model
+    from sora_dist.sampling import caption_embedding, generate, load_for_sampling
     from sora_dist.visualize import save_frame_grid
 
-    run = Path(args.run)
-    cfg = load_config(run / "config.yaml", overrides)
-    weights = run / ("model.safetensors" if args.raw else "ema.safetensors")
-    if not weights.is_file():
-        raise ConfigError(f"{weights} does not exist: train with checkpoint.save_final=true (and optim.ema_decay > 0 unless --raw)")
-    dev = device_lib.detect(cfg.parallel.device)
+    source = Path(args.run)
+    dev = device_lib.detect(load_config(_run_config(source), overrides).parallel.device)
+    saved_cfg, model, weights = load_for_sampling(source, args.raw, dev)
+    cfg = load_config(_run_config(source), overrides) if overrides else saved_cfg
+    log.info("sampling with %s", weights)
     loader = LatentLoader(cfg.data, cfg.model.patch_size)
-    model = build_model(cfg, cfg.model.in_channels, cfg.model.text_dim, dev.torch_device)
-    model.load_state_dict(load_file(str(weights), device=str(dev.torch_device)))
     objective = build_objective(cfg.diffusion, model.cfg.patch_size)
     caption, text = caption_embedding(loader.manifest, loader, args.caption or cfg.train.sample_caption)
-    latents = generate(cfg, model, objective, text, args.num, args.seed, dev.torch_device)
-    out = Path(args.out or run / "sample_cli.png")
+    latents = generate(cfg, model, objective, text, args.num, args.seed, dev, autocast_dtype(cfg, dev))
+    out = Path(args.out or (source if source.is_dir() else source.parent) / "sample_cli.png")
     save_frame_grid(list(latents), [f"{caption}\n(seed {args.seed}, #{i})" for i in range(len(latents))], out)
     log.info("sampled %d clips of %r -> %s", len(latents), caption, out)
     if args.vae:
@@ -71,6 +66,16 @@ def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> None:
         for i, latent in enumerate(latents):
             path, shape = decode_to_file(vae, latent, out.with_name(f"{out.stem}_{i}{args.video_format}"), args.fps)
             log.info("decoded clip %d: %d frames of %dx%d -> %s", i, shape[0], shape[2], shape[1], path)
+
+
+def _run_config(source: Path) -> Path:
+    """config.yaml of a run folder or a checkpoint folder."""
+    from sora_dist.checkpoint import newest_complete
+
+    if (source / "config.yaml").is_file():
+        return source / "config.yaml"
+    newest = newest_complete(source / "checkpoints")
+    return (newest or source) / "config.yaml"
 
 
 def cmd_make_synthetic(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -119,9 +124,9 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> None:
     from safetensors.torch import save_file
 
     from sora_dist.checkpoint import is_complete, load_weights_for_export
-    from sora_dist.config import load_config
+    from sora_dist.config import load_config, resolve_model_config
     from sora_dist.errors import ConfigError
-    from sora_dist.models import VideoDiT, resolve_model_config
+    from sora_dist.models import VideoDiT
 
     path = Path(args.checkpoint)
     ok, why = is_complete(path)
@@ -153,10 +158,10 @@ def cmd_plot(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 BENCHMARKS = {
-    "bench-train": "sora_dist.bench_train",
-    "bench-kernels": "sora_dist.bench_kernels",
-    "bench-checkpoint": "sora_dist.bench_checkpoint",
-    "bench-loader": "sora_dist.bench_loader",
+    "bench-train": "sora_dist.perf.bench_train",
+    "bench-kernels": "sora_dist.perf.bench_kernels",
+    "bench-checkpoint": "sora_dist.perf.bench_checkpoint",
+    "bench-loader": "sora_dist.perf.bench_loader",
 }
 
 
@@ -164,12 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sora-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a video DiT; extra --section.key=value arguments override the config")
+    p = sub.add_parser(
+        "train", help="train a video DiT; extra --section.key=value arguments override the config",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Config keys (defaults < the --config file < --section.key=value on the command line; every field is\n"
+               "documented in sora_dist/config.py and README.md's Configuration section):\n\n" + describe_keys(),
+    )
     p.add_argument("--config", required=True, help="YAML experiment file, e.g. configs/demo.yaml")
     p.set_defaults(func=cmd_train, overrides_allowed=True)
 
-    p = sub.add_parser("sample", help="sample clips from a finished run and save a PNG grid of their frames")
-    p.add_argument("--run", required=True, help="run folder (train.out_dir) holding config.yaml and weights")
+    p = sub.add_parser("sample", help="sample clips from a run or a checkpoint and save a PNG grid of their frames")
+    p.add_argument("--run", required=True, help="a run folder (train.out_dir: its final weights, else its newest checkpoint) or a checkpoint folder (RUN/checkpoints/step-N)")
     p.add_argument("--caption", default="", help="caption to sample (default: the run's train.sample_caption, else the dataset's first)")
     p.add_argument("--num", type=int, default=2, help="clips to sample")
     p.add_argument("--seed", type=int, default=0)

@@ -17,6 +17,8 @@ from typing import Any, Literal, Optional
 import yaml
 
 from sora_dist.errors import ConfigError
+from sora_dist.models.dit import DiTConfig
+from sora_dist.models.presets import PRESETS
 
 
 @dataclass
@@ -125,6 +127,8 @@ class ParallelConfig:
     """With selective activation checkpointing: checkpoint every k-th block."""
     compile: bool = False
     """torch.compile each DiT block."""
+    collective_timeout_minutes: float = 10.0
+    """A collective that waits longer than this fails the process group (so the agent can restart the job)."""
 
 
 @dataclass
@@ -214,12 +218,58 @@ class Config:
         return _to_plain(dataclasses.asdict(self))
 
 
+def field_docs() -> dict[str, dict[str, str]]:
+    """Section -> key -> the field's docstring, read from this file (attribute docstrings are not
+    kept at run time)."""
+    import ast
+
+    tree = ast.parse(Path(__file__).read_text())
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    by_class = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            docs, body = {}, node.body
+            for item, after in zip(body, body[1:]):
+                if isinstance(item, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+                    docs[item.target.id] = " ".join(str(after.value.value).split())
+            by_class[node.name] = docs
+    return {name: by_class.get(getattr(cls, "__name__", str(cls)), {}) for name, cls in sections.items()}
+
+
+def describe_keys() -> str:
+    """Every config key with its default and what it does, section by section (``train --help``)."""
+    defaults = Config().to_dict()
+    lines = []
+    for section, docs in field_docs().items():
+        lines.append(f"{section}:")
+        for key, default in defaults[section].items():
+            lines.append(f"  {f'--{section}.{key}={default}':<42} {docs.get(key, '')}")
+    return "\n".join(lines)
+
+
 def _to_plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_to_plain(v) for v in value]
     return value
+
+
+def resolve_model_config(cfg: ModelConfig, in_channels: int, text_dim: int) -> DiTConfig:
+    """The model's hyper-parameters: the preset, explicit overrides, and the dataset's latent
+    channels and text width (used where the config leaves them null)."""
+    preset = PRESETS[cfg.preset]
+    return DiTConfig(
+        in_channels=cfg.in_channels or in_channels,
+        text_dim=cfg.text_dim or text_dim,
+        hidden_size=cfg.hidden_size or preset["hidden_size"],
+        depth=cfg.depth or preset["depth"],
+        num_heads=cfg.num_heads or preset["num_heads"],
+        mlp_ratio=cfg.mlp_ratio,
+        patch_size=tuple(cfg.patch_size),
+        qk_norm=cfg.qk_norm,
+        rope_theta=cfg.rope_theta,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,8 +401,6 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_model(m: ModelConfig) -> None:
-    from sora_dist.models import PRESETS  # local: models import config types
-
     _require(
         m.preset in PRESETS,
         f"model.preset={m.preset!r} is unknown: choose one of {', '.join(PRESETS)}",

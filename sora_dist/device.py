@@ -3,8 +3,9 @@
 ``detect()`` picks the accelerator once at launch (``auto``: cuda, then Ascend npu, then cpu;
 overridable by config and by the ``SORA_DIST_DEVICE`` environment variable) and returns a
 ``Device`` that gives the rest of the code everything device-specific: the torch device, the
-collective backend, synchronize, memory statistics, the peak bf16 FLOP/s for MFU, and the
-default attention backend. ``torch_npu`` is imported here and nowhere else.
+collective backends, synchronize, memory statistics, the peak bf16 FLOP/s for MFU, and the
+compute capability the attention dispatch chooses by. ``torch_npu`` is imported here and nowhere
+else.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ log = logging.getLogger(__name__)
 DEVICE_ENV = "SORA_DIST_DEVICE"
 PEAK_ENV = "SORA_DIST_PEAK_TFLOPS"
 
-COMM_BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
+# The accelerator's collective library for device tensors, and gloo for the few CPU tensors that
+# checkpoints and the data position exchange: a process group made with only nccl or hccl has no
+# backend for CPU tensors ("No backend type associated with device type cpu").
+COMM_BACKENDS = {"cuda": "cpu:gloo,cuda:nccl", "npu": "cpu:gloo,npu:hccl", "cpu": "gloo"}
 
 # Dense bf16 peak per device from the vendors' datasheets, matched as substrings of the device
 # name, most specific first. Ascend figures are the vendor's FP16 numbers for the 910B family
@@ -100,11 +104,9 @@ class Device:
         return None if self.kind == "cpu" and not os.environ.get(PEAK_ENV) else peak_bf16_flops(self.name)
 
     @property
-    def default_attention_backend(self) -> str:
-        from sora_dist.kernels import select_attention_backend  # kernels import this module
-
-        capability = torch.cuda.get_device_capability(self.index) if self.kind == "cuda" else None
-        return select_attention_backend(self.kind, capability)
+    def capability(self) -> Optional[tuple[int, int]]:
+        """CUDA compute capability (9, 0 on Hopper), None on other devices."""
+        return torch.cuda.get_device_capability(self.index) if self.kind == "cuda" else None
 
     def _module(self):
         return getattr(torch, self.kind)

@@ -23,3 +23,26 @@ class CorruptSampleError(DataError):
 
 class TrainingError(SoraDistError):
     """Training cannot continue (e.g. the loss became non-finite)."""
+
+
+class MissingDependencyError(SoraDistError):
+    """An optional package the command needs is not installed."""
+
+
+EXTRAS = {
+    "encode": ("av", "PIL", "diffusers", "transformers"),
+    "deepspeed": ("deepspeed",),
+}
+"""The project's optional extras (pyproject.toml) and the modules each provides."""
+
+
+def require_extra(extra: str) -> None:
+    """Raise MissingDependencyError with the install command if a module of ``extra`` is missing."""
+    import importlib.util
+
+    missing = [name for name in EXTRAS[extra] if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MissingDependencyError(
+            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed; this command needs the "
+            f"[{extra}] extra: pip install -e '.[{extra}]' (from a checkout) or pip install 'sora-dist[{extra}]'"
+        )

@@ -18,10 +18,26 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+class ProgressLine:
+    """``progress(done, total)`` callback that logs a line with ETA about every tenth of the work."""
+
+    def __init__(self, label: str, parts: int = 10):
+        self.label, self.parts = label, parts
+        self.start = time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        if done != total and done % max(1, total // self.parts):
+            return
+        elapsed = time.perf_counter() - self.start
+        log.info("%s: %d/%d (%.0f%%) | elapsed %s | ETA %s", self.label, done, total, 100 * done / total,
+                 format_duration(elapsed), format_duration(elapsed / done * (total - done)))
+
+
 class MetricsLogger:
     def __init__(self, out_dir: Path, total_steps: int, tensorboard: bool, enabled: bool = True):
         self.enabled, self.total_steps = enabled, total_steps
         self.start = time.perf_counter()
+        self.start_step = 0  # a resumed run's ETA counts only the steps this process ran
         self.history: list[dict] = []
         self._jsonl = None
         self._tb = None
@@ -32,6 +48,10 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(out_dir / "tb"))
+
+    def resumed_at(self, step: int) -> None:
+        """Time from here on belongs to the steps after ``step`` (ETA after a resume)."""
+        self.start, self.start_step = time.perf_counter(), step
 
     def note(self, message: str) -> None:
         """A one-off line on rank 0 (e.g. memory facts known only after the first step)."""
@@ -49,7 +69,7 @@ class MetricsLogger:
             for key, value in values.items():
                 self._tb.add_scalar(f"train/{key}", value, step)
         elapsed = time.perf_counter() - self.start
-        eta = elapsed / step * (self.total_steps - step)
+        eta = elapsed / max(1, step - self.start_step) * (self.total_steps - step)
         mfu = f"{values['mfu']:.1%}" if "mfu" in values else "n/a"
         log.info(
             "step %d/%d | loss %.4f | grad norm %.3f | lr %.2e | %.1f samples/s | %.0f tokens/s | MFU %s | "

@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -23,20 +22,21 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
 from sora_dist import device as device_lib
-from sora_dist.checkpoint import CheckpointManager, TrainState
-from sora_dist.config import Config, save_config
+from sora_dist.build import build_stack, start_distributed
+from sora_dist.checkpoint import CheckpointManager, TrainState, gather_to_rank0
+from sora_dist.config import Config, resolve_model_config, save_config
 from sora_dist.data import Batch, LatentLoader, make_synthetic, read_manifest
 from sora_dist.diffusion import build_objective
 from sora_dist.errors import ConfigError, TrainingError
-from sora_dist.kernels import get_attention_backend, set_attention_backend
-from sora_dist.kernels.fused import get_fused_backend, select_fused_backend, set_fused_backend
+from sora_dist.kernels import get_attention_backend
+from sora_dist.kernels.fused import get_fused_backend
 from sora_dist.metrics import MetricsLogger, summarize
-from sora_dist.models import VideoDiT, count_parameters, resolve_model_config, train_flops
-from sora_dist.parallel import DeepSpeedEngine, ParallelDims, build_mesh, local_bytes, make_engine, parallelize, resolve_dims
+from sora_dist.models import VideoDiT, count_parameters, train_flops
+from sora_dist.parallel import DeepSpeedEngine, ParallelDims, local_bytes
 
 log = logging.getLogger("sora_dist")
 
@@ -56,27 +56,6 @@ class EMA:
         for name, p in model.named_parameters():
             self.shadow[_clean(name)].lerp_(p.detach().float(), 1 - decay)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Unsharded copy (a collective when the weights are DTensors: call on every rank)."""
-        return {name: (t.full_tensor() if isinstance(t, DTensor) else t).contiguous() for name, t in self.shadow.items()}
-
-
-def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak LR at optimizer step ``step`` (0-based)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only; norms, biases and the null-text token are not decayed."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.dim() >= 2 and p.shape[0] > 1 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _diagnose(loss: float, grad_norm: Optional[float], step: int, lr: float, model, batch: Batch) -> str:
@@ -92,31 +71,13 @@ def _diagnose(loss: float, grad_norm: Optional[float], step: int, lr: float, mod
     )
 
 
-def _autocast_dtype(cfg: Config, dev: device_lib.Device) -> Optional[torch.dtype]:
-    mode = cfg.train.mixed_precision
-    if mode == "auto":
-        mode = "fp32" if dev.kind == "cpu" else "bf16"
-    return torch.bfloat16 if mode == "bf16" else None
-
-
-def build_model(cfg: Config, in_channels: int, text_dim: int, torch_device: torch.device) -> VideoDiT:
-    """A single-device model for the config: built on meta, then materialized and initialized."""
-    model_cfg = _model_config(cfg, in_channels, text_dim)
-    with torch.device("meta"):
-        model = VideoDiT(model_cfg)
-    model.to_empty(device=torch_device)
-    model.init_weights()
-    return model
-
-
-def _model_config(cfg: Config, in_channels: int, text_dim: int):
-    model_cfg = resolve_model_config(cfg.model, in_channels, text_dim)
+def check_dataset_fits_model(model_cfg, in_channels: int, text_dim: int) -> None:
+    """The model's latent channels and text width are the dataset's."""
     if (model_cfg.in_channels, model_cfg.text_dim) != (in_channels, text_dim):
         raise ConfigError(
             f"model.in_channels={model_cfg.in_channels} / model.text_dim={model_cfg.text_dim} disagree with the "
             f"dataset ({in_channels} latent channels, text width {text_dim}): set them to null to read the manifest"
         )
-    return model_cfg
 
 
 def resolved_config(cfg: Config, model_cfg) -> Config:
@@ -126,12 +87,6 @@ def resolved_config(cfg: Config, model_cfg) -> Config:
         hidden_size=model_cfg.hidden_size, depth=model_cfg.depth, num_heads=model_cfg.num_heads,
     )
     return dataclasses.replace(cfg, model=resolved_model)
-
-
-def select_kernels(cfg: Config, dev) -> None:
-    """Pick the attention and fused-kernel backends once, from the device and the config."""
-    set_attention_backend(dev.default_attention_backend if cfg.model.attention_backend == "auto" else cfg.model.attention_backend)
-    set_fused_backend(select_fused_backend(dev.kind) if cfg.model.fused_backend == "auto" else cfg.model.fused_backend)
 
 
 def _prepare_data(cfg: Config, rank: int, distributed: bool) -> None:
@@ -145,15 +100,12 @@ def _prepare_data(cfg: Config, rank: int, distributed: bool) -> None:
 
 def train(cfg: Config) -> dict[str, float]:
     """Run training as configured; returns a summary (first/last loss, steps, seconds)."""
-    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     dev = device_lib.detect(cfg.parallel.device)
-    distributed = world_size > 1
-    if distributed:
-        dist.init_process_group(dev.comm_backend)
+    world_size, rank = start_distributed(dev, cfg.parallel.collective_timeout_minutes)
     try:
-        return _train(cfg, dev, world_size, rank, distributed)
+        return _train(cfg, dev, world_size, rank)
     finally:
-        if distributed:
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -177,46 +129,31 @@ class Run:
     batches: Optional[Iterator[Batch]] = None
 
 
-def _build(cfg: Config, dev, world_size: int, rank: int, distributed: bool) -> tuple[Run, object]:
+def build_run(cfg: Config, dev, world_size: int, rank: int) -> tuple[Run, object]:
+    """Everything a training run needs, on the shared build path (``sora_dist.build``), plus the
+    run's own pieces: data, EMA, noise generator, checkpoint manager and metrics."""
+    distributed = world_size > 1
     _prepare_data(cfg, rank, distributed)
     manifest = read_manifest(cfg.data.path)
-    model_cfg = _model_config(cfg, manifest.latent_channels, manifest.text_dim)
-    dims = resolve_dims(cfg.parallel, world_size, model_cfg)
-    if dims.engine == "deepspeed" and distributed and cfg.parallel.zero_stage == 3 and cfg.optim.ema_decay > 0:
-        raise ConfigError("optim.ema_decay > 0 needs whole parameters; DeepSpeed ZeRO-3 partitions them: set optim.ema_decay=0 or use engine=fsdp")
-    mesh = build_mesh(dims, dev.kind) if distributed else None
-    dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
-    loader = LatentLoader(cfg.data, cfg.model.patch_size, dp_rank=dp_rank, dp_size=dims.dp, pin_memory=dev.kind != "cpu")
-    select_kernels(cfg, dev)
+    model_cfg = resolve_model_config(cfg.model, manifest.latent_channels, manifest.text_dim)
+    check_dataset_fits_model(model_cfg, manifest.latent_channels, manifest.text_dim)
+    stack = build_stack(cfg, dev, model_cfg, world_size)
+    loader = LatentLoader(cfg.data, cfg.model.patch_size, dp_rank=stack.dp_rank, dp_size=stack.dims.dp, pin_memory=dev.kind != "cpu")
     cfg = resolved_config(cfg, model_cfg)
     out_dir = Path(cfg.train.out_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
-
-    autocast_dtype = _autocast_dtype(cfg, dev)
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    with torch.device("meta"):
-        model = VideoDiT(model_cfg)
-    parallelize(model, cfg.parallel, dims, mesh, dev.torch_device, autocast_dtype)
     if cfg.checkpoint.init_from:
-        _load_initial_weights(model, cfg.checkpoint.init_from)
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, o.warmup_steps, cfg.train.steps, o.schedule, o.min_lr_ratio)
-    )
-    engine = make_engine(model, cfg.parallel, dims, mesh, dev.torch_device, optimizer, scheduler, o.grad_clip, cfg.train.grad_accum, autocast_dtype is not None)
-    ema = EMA(model, o.ema_decay) if o.ema_decay > 0 else None
+        _load_initial_weights(stack.model, cfg.checkpoint.init_from)
+    ema = EMA(stack.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
     # Seeded by data-parallel rank: the ranks of one SP/TP group draw the same timesteps and noise.
-    generator = torch.Generator(device=dev.torch_device).manual_seed(cfg.train.seed + 1 + dp_rank)
-    state = TrainState(
-        model, optimizer, scheduler, ema, loader, generator, dp_rank, mesh["dp"].get_group() if mesh is not None else None,
-        world_size, deepspeed=engine.engine if isinstance(engine, DeepSpeedEngine) else None,
-    )
+    generator = torch.Generator(device=dev.torch_device).manual_seed(cfg.train.seed + 1 + stack.dp_rank)
+    deepspeed = stack.engine.engine if isinstance(stack.engine, DeepSpeedEngine) else None
+    state = TrainState(stack.model, stack.optimizer, stack.scheduler, ema, loader, generator, stack.dp_rank, stack.dp_group, world_size, deepspeed=deepspeed)
     metrics = MetricsLogger(out_dir, cfg.train.steps, cfg.logging.tensorboard, enabled=rank == 0)
-    run = Run(cfg, dev, dims, model, engine, optimizer, ema, build_objective(cfg.diffusion, model_cfg.patch_size),
-              loader, state, CheckpointManager(cfg.checkpoint, out_dir), metrics, autocast_dtype)
+    run = Run(cfg, dev, stack.dims, stack.model, stack.engine, stack.optimizer, ema, build_objective(cfg.diffusion, model_cfg.patch_size),
+              loader, state, CheckpointManager(cfg.checkpoint, out_dir), metrics, stack.autocast_dtype)
     return run, model_cfg
 
 
@@ -229,8 +166,8 @@ def _load_initial_weights(model, path: str) -> None:
     log.info("initialized the weights from %s", path)
 
 
-def _train(cfg: Config, dev, world_size: int, rank: int, distributed: bool) -> dict[str, float]:
-    run, model_cfg = _build(cfg, dev, world_size, rank, distributed)
+def _train(cfg: Config, dev, world_size: int, rank: int) -> dict[str, float]:
+    run, model_cfg = build_run(cfg, dev, world_size, rank)
     cfg, dims = run.cfg, run.dims
     log.info(
         "device %s (%s, backend %s) | attention %s | fused kernels %s | precision %s | model %s: %.2fM parameters | dataset %s: %d samples",
@@ -246,8 +183,9 @@ def _train(cfg: Config, dev, world_size: int, rank: int, distributed: bool) -> d
     if resume is not None:
         run.ckpt.load(resume, run.state)
     run.batches = iter(run.loader)  # after a resume has set the loader's position
+    run.metrics.resumed_at(run.state.step)
     start = time.perf_counter()
-    with _stop_signals() as stop:
+    with stop_signals() as stop:
         try:
             steps_done = run_loop(run, stop)
         finally:
@@ -256,23 +194,28 @@ def _train(cfg: Config, dev, world_size: int, rank: int, distributed: bool) -> d
     seconds = time.perf_counter() - start
     if run.loader.skipped:
         log.warning("skipped %d corrupt samples or shards on this rank", run.loader.skipped)
-    weights = _full_weights(run.engine, run.model, dims)
-    ema_weights = run.ema.full_state_dict() if run.ema is not None else None
     summary = {"steps": steps_done, "seconds": seconds, **(summarize(run.metrics.history) if run.metrics.history else {})}
-    if rank == 0 and not stop.requested:
-        _finish(cfg, model_cfg, weights, ema_weights, run.objective, run.loader, run.metrics.history, Path(cfg.train.out_dir), dev)
+    if not stop.requested and (cfg.checkpoint.save_final or cfg.train.sample_at_end):
+        weights, ema_weights = _final_weights(run)
+        if rank == 0:
+            _finish(cfg, model_cfg, weights, ema_weights, run.objective, run.loader, run.metrics.history, Path(cfg.train.out_dir), dev)
     return summary
 
 
-def _full_weights(engine, model, dims) -> dict[str, torch.Tensor]:
-    """Unsharded weights on every rank (collectives: call on all ranks)."""
-    if dims.engine == "deepspeed" and dims.world_size > 1 and engine.engine.zero_optimization_stage() == 3:
+def _final_weights(run: Run) -> tuple[Optional[dict], Optional[dict]]:
+    """The whole weights and EMA weights on rank 0's CPU, gathered one tensor at a time (so no
+    accelerator ever holds more than one whole tensor extra); None on the other ranks."""
+    ema = gather_to_rank0(run.ema.shadow) if run.ema is not None else None
+    deepspeed = run.state.deepspeed
+    if deepspeed is not None and run.dims.world_size > 1 and deepspeed.zero_optimization_stage() == 3:
         from deepspeed.zero import GatheredParameters
 
-        with GatheredParameters(list(model.parameters())):
-            return {k: v.detach().clone() for k, v in model.state_dict().items()}
-    options = StateDictOptions(full_state_dict=True, cpu_offload=False)
-    return {k: v.detach().contiguous() for k, v in get_model_state_dict(model, options=options).items()}
+        weights = {}
+        for name, param in run.model.named_parameters():
+            with GatheredParameters([param]):
+                weights[name] = param.detach().to("cpu", copy=True)
+        return (weights if dist.get_rank() == 0 else None), ema
+    return gather_to_rank0(run.model.state_dict()), ema
 
 
 def _clean(name: str) -> str:
@@ -399,7 +342,7 @@ class _StopFlag:
 
 
 @contextlib.contextmanager
-def _stop_signals():
+def stop_signals():
     stop = _StopFlag()
 
     def handler(signum, frame):

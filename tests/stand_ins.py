@@ -101,21 +101,27 @@ def fake_flash_attn(returns_lse: bool):
     """flash_attn (FlashAttention-2) or flash_attn_interface (FlashAttention-3, returns the LSE too)."""
     module = types.ModuleType("flash_attn")
 
+    def check_dtypes(*tensors):
+        assert all(t.dtype in (torch.float16, torch.bfloat16) for t in tensors), "flash-attn supports fp16 and bf16 only"
+
     def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
         assert q.dim() == 4 and softmax_scale is not None and not causal
-        out = dense_attention(*(t.transpose(1, 2) for t in (q, k, v)), softmax_scale)[0].transpose(1, 2)  # (B, S, H, D)
+        check_dtypes(q, k, v)
+        out = dense_attention(*(t.transpose(1, 2).double() for t in (q, k, v)), softmax_scale)[0].transpose(1, 2)  # (B, S, H, D)
+        out = out.to(q.dtype)
         return (out, None) if returns_lse else out
 
     def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None, causal=False):
         assert q.dim() == 3 and cu_seqlens_q.dtype == torch.int32 and cu_seqlens_k.dtype == torch.int32
+        check_dtypes(q, k, v)
         assert int(cu_seqlens_q[0]) == 0 and int(cu_seqlens_q[-1]) == q.shape[0] and int(cu_seqlens_k[-1]) == k.shape[0]
         out = []
         for i in range(len(cu_seqlens_q) - 1):
             sq, sk = slice(int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1])), slice(int(cu_seqlens_k[i]), int(cu_seqlens_k[i + 1]))
             assert sq.stop - sq.start <= max_seqlen_q and sk.stop - sk.start <= max_seqlen_k
-            seg = [t.transpose(0, 1)[None] for t in (q[sq], k[sk], v[sk])]
+            seg = [t.transpose(0, 1)[None].double() for t in (q[sq], k[sk], v[sk])]
             out.append(dense_attention(*seg, softmax_scale)[0][0].transpose(0, 1))
-        out = torch.cat(out)
+        out = torch.cat(out).to(q.dtype)
         return (out, None) if returns_lse else out
 
     module.flash_attn_func, module.flash_attn_varlen_func = flash_attn_func, flash_attn_varlen_func

@@ -2,7 +2,9 @@
 checkpoint skipped, keep-last, async saves, export to safetensors and fine-tuning from it."""
 
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +19,8 @@ from safetensors.torch import load_file
 from sora_dist.checkpoint import is_complete
 from sora_dist.cli import main
 from sora_dist.config import load_config
-from sora_dist.models import VideoDiT, resolve_model_config
+from sora_dist.config import resolve_model_config
+from sora_dist.models import VideoDiT
 
 REPO = Path(__file__).parents[1]
 
@@ -172,3 +175,20 @@ def test_resume_of_a_missing_path_is_a_clear_error(synthetic_dir, tmp_path):
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 2
     assert f"checkpoint.resume={tmp_path / 'nope'}" in output and "is not a complete checkpoint" in output
+
+
+def test_sample_reads_a_checkpoint_folder_and_a_run_without_final_weights(uninterrupted, tmp_path, caplog):
+    """Mid-run checkpoints sample directly (their EMA weights); a run folder without final weights
+    falls back to its newest complete checkpoint. Both log progress with an ETA."""
+    from sora_dist.cli import main
+
+    partial = tmp_path / "partial"
+    shutil.copytree(uninterrupted, partial, ignore=shutil.ignore_patterns("*.safetensors"))
+    for source, expected in ((uninterrupted / "checkpoints" / "step-8", "step-8 (ema weights)"), (partial, "step-16 (ema weights)")):
+        target = tmp_path / f"{source.name}.png"
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="sora_dist"):
+            code = main(["sample", "--run", str(source), "--num", "1", "--out", str(target), "--diffusion.sample_steps=4"])
+        assert code == 0 and target.stat().st_size > 1000
+        assert expected in caplog.text
+        assert "sampling 1 x (8, 16, 16): 4/4 (100%)" in caplog.text and "ETA" in caplog.text

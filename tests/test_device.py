@@ -58,7 +58,7 @@ def broken_torch_npu(tmp_path, monkeypatch):
 def test_cpu_machine_picks_cpu_and_gloo(monkeypatch):
     monkeypatch.delenv(device_lib.DEVICE_ENV, raising=False)
     dev = device_lib.detect("auto")
-    assert (dev.kind, dev.comm_backend, dev.torch_device) == ("cpu", "gloo", torch.device("cpu"))
+    assert (dev.kind, dev.comm_backend, dev.torch_device, dev.capability) == ("cpu", "gloo", torch.device("cpu"), None)
     assert dev.peak_flops is None  # no MFU claim for a CPU
     assert dev.memory_stats()["mem_peak_gib"] > 0
 
@@ -82,7 +82,7 @@ def test_stand_in_npu_is_chosen_and_configured(fake_torch_npu, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "3")
     dev = device_lib.detect("auto")
     fake = sys.modules["torch_npu"]
-    assert (dev.kind, dev.index, dev.name, dev.comm_backend) == ("npu", 3, "Ascend910B2", "hccl")
+    assert (dev.kind, dev.index, dev.name, dev.comm_backend) == ("npu", 3, "Ascend910B2", "cpu:gloo,npu:hccl")
     assert ("set_device", 3) in fake.calls  # each rank binds its own NPU, as torch_npu requires
     assert dev.peak_flops == pytest.approx(376e12)
     assert dev.memory_stats() == {"mem_alloc_gib": 3.0, "mem_peak_gib": 5.0}

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from sora_dist import trainer
+from sora_dist.build import build_single_device_model, lr_factor
 from sora_dist.cli import main
 from sora_dist.config import load_config
 from sora_dist.errors import ConfigError, TrainingError
@@ -50,7 +51,7 @@ def test_run_folder_holds_config_weights_and_pictures(finished_run):
     saved = load_config(out / "config.yaml")
     assert saved.model.in_channels == 4 and saved.model.text_dim == 32  # resolved from the manifest
     assert saved.model.hidden_size == 64 and saved.train.steps == 60
-    model = trainer.build_model(saved, 4, 32, torch.device("cpu"))
+    model = build_single_device_model(saved, 4, 32, torch.device("cpu"))
     model.load_state_dict(load_file(out / "model.safetensors"))
     assert set(load_file(out / "ema.safetensors")) == set(model.state_dict())
     for picture in ("sample.png", "loss.png"):
@@ -80,11 +81,11 @@ def test_layout_that_does_not_fit_the_world_is_refused(synthetic_dir, tmp_path):
 
 
 def test_lr_schedule_warms_up_then_decays():
-    factors = [trainer.lr_factor(s, warmup=10, total=110, schedule="cosine", min_ratio=0.1) for s in range(110)]
+    factors = [lr_factor(s, warmup=10, total=110, schedule="cosine", min_ratio=0.1) for s in range(110)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert factors[10] == pytest.approx(1.0) and factors[-1] == pytest.approx(0.1, abs=1e-3)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
-    assert trainer.lr_factor(500, 10, 110, "constant", 0.1) == 1.0
+    assert lr_factor(500, 10, 110, "constant", 0.1) == 1.0
 
 
 def test_ema_averages_the_weights():

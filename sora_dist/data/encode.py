@@ -33,7 +33,7 @@ from sora_dist.data.encoders import TextEncoder, VideoVAE
 from sora_dist.data.format import Manifest, Sample, shape_key, shard_name
 from sora_dist.data.media import Bucket, InputItem, SkipInput, check_buckets, list_inputs, read_clip
 from sora_dist.data.writer import add_sample, write_manifest
-from sora_dist.errors import ConfigError, DataError
+from sora_dist.errors import ConfigError, DataError, require_extra
 
 log = logging.getLogger("sora_dist")
 
@@ -201,6 +201,7 @@ def _progress(done: int, total: int, started: float, samples: int) -> None:
 
 def run_encode(cfg: EncodeConfig) -> Optional[dict[str, Any]]:
     """Encode on this process's rank (torchrun sets RANK / WORLD_SIZE); rank 0 returns the report."""
+    require_extra("encode")
     buckets = cfg.validate()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():

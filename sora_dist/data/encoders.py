@@ -16,7 +16,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from sora_dist.errors import ConfigError
+from sora_dist.errors import ConfigError, require_extra
 
 # diffusers class -> how it is applied; the compression factors are read from each one's config.
 VAE_KINDS = {
@@ -39,6 +39,7 @@ def _compression(kind: str, config: Any) -> tuple[int, int]:
 
 class VideoVAE:
     def __init__(self, name: str, subfolder: str = "", device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32):
+        require_extra("encode")
         from diffusers import AutoModel
 
         self.name, self.device, self.dtype = name, device, dtype
@@ -123,6 +124,7 @@ TEXT_ENCODERS = {
 class TextEncoder:
     def __init__(self, name: str, subfolder: str = "", tokenizer_subfolder: str = "", max_length: int = 256,
                  device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32):
+        require_extra("encode")
         import transformers
 
         self.name, self.max_length, self.device = name, max_length, device

@@ -253,6 +253,16 @@ class LatentLoader:
         self.root = Path(cfg.path)
         self.manifest = read_manifest(self.root)
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        shards = len(self.manifest.shards)
+        if shards < dp_size:
+            raise DataError(
+                f"{self.root} has {shards} shards but the run has {dp_size} data-parallel ranks: each rank reads whole "
+                f"shards, so {dp_size - shards} would get none. Re-encode with at least {dp_size} shards "
+                f"(sora-dist encode --samples-per-shard {max(1, self.manifest.num_samples // dp_size)}), or use fewer "
+                "data-parallel ranks (more sequence or tensor parallelism)"
+            )
+        # A worker without a shard would only idle: start no more workers than this rank has shards.
+        self.workers = min(cfg.num_workers, len(range(dp_rank, shards, dp_size)))
         self.epoch = 0
         self.skipped = 0
         self.consumed: dict[int, np.ndarray] = {}  # epoch -> bool per dataset position
@@ -268,7 +278,7 @@ class LatentLoader:
 
     def epoch_batches(self, epoch: int, skip: Optional[np.ndarray] = None) -> Iterator[Batch]:
         dataset = LatentDataset(self.root, self.manifest, self.cfg, self.patch_size, epoch, self.dp_rank, self.dp_size, skip)
-        workers = self.cfg.num_workers
+        workers = self.workers
         if workers:
             # Workers hand batches over in shared memory. The default strategy passes one file
             # descriptor per tensor through a socket round trip; naming the shared-memory files
@@ -301,11 +311,19 @@ class LatentLoader:
                 self.epoch, self.batches_in_epoch = epoch, 0
             replay, self._replay = self._replay, 0
             skip = None if replay else self.consumed.get(epoch)
+            produced = 0
             for batch in self.epoch_batches(epoch, skip):
+                produced += 1
                 if replay:
                     replay -= 1
                     continue
                 yield batch
+            if not produced and skip is None:  # a whole epoch of nothing: the next would be the same
+                raise DataError(
+                    f"data-parallel rank {self.dp_rank} read no sample in epoch {epoch} from its shards "
+                    f"{shard_order(self.manifest, self.cfg.seed, epoch)[self.dp_rank :: self.dp_size]} of {self.root}: "
+                    f"they are empty or every sample was corrupt ({self.skipped} skipped); check them with `sora-dist inspect`"
+                )
 
     def mark_consumed(self, batch: Batch) -> None:
         """Record that the trainer took an optimizer step on ``batch``."""

@@ -20,6 +20,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from sora_dist.errors import require_extra
 from sora_dist.parallel.mesh import ParallelDims, ParallelMesh
 
 
@@ -155,7 +156,8 @@ def deepspeed_config(zero_stage: int, grad_clip: float, grad_accum: int, bf16: b
 
 
 def apply_deepspeed(model: nn.Module, optimizer, scheduler, mesh: ParallelMesh, zero_stage: int, grad_clip: float, grad_accum: int, bf16: bool) -> DeepSpeedEngine:
-    import deepspeed  # optional extra: pip install -e '.[deepspeed]'
+    require_extra("deepspeed")
+    import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
         model=model,

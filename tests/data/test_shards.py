@@ -108,6 +108,34 @@ def test_every_sample_once_per_epoch_across_ranks_and_workers(tmp_path, num_work
     assert keys == Counter(f"k{i:05d}" for i in range(40))
 
 
+def test_more_data_parallel_ranks_than_shards_is_a_clear_error(tmp_path):
+    write_dataset(tmp_path / "ds", make_samples(12), per_shard=4)  # 3 shards
+    with pytest.raises(DataError, match=r"has 3 shards but the run has 4 data-parallel ranks.*--samples-per-shard 3"):
+        LatentLoader(DataConfig(path=str(tmp_path / "ds")), PATCH, dp_rank=3, dp_size=4)
+
+
+def test_workers_beyond_the_ranks_shards_are_not_started(tmp_path):
+    """2 ranks x 3 workers over 4 shards: each rank starts 2 workers, and every sample still
+    arrives exactly once."""
+    write_dataset(tmp_path / "ds", make_samples(16), per_shard=4)
+    keys = Counter()
+    for rank in range(2):
+        ld = loader(tmp_path / "ds", num_workers=3)
+        ld = LatentLoader(ld.cfg, PATCH, dp_rank=rank, dp_size=2)
+        assert ld.workers == 2
+        keys.update(k for b in ld.epoch_batches(0) for k in b.keys)
+    assert keys == Counter(f"k{i:05d}" for i in range(16))
+
+
+def test_a_rank_whose_shards_yield_nothing_stops_instead_of_spinning(tmp_path):
+    root = write_dataset(tmp_path / "ds", make_samples(8), per_shard=4)
+    for shard in root.glob("shard-*.tar"):
+        shard.write_bytes(b"")
+    stream = iter(loader(root))
+    with pytest.raises(DataError, match=r"rank 0 read no sample in epoch 0 .*shard-00000"):
+        next(stream)
+
+
 def test_worker_batches_leave_shared_memory_on_the_loader_thread(tmp_path):
     write_dataset(tmp_path / "ds", make_samples(12), per_shard=4)
     for batch in loader(tmp_path / "ds", num_workers=2).epoch_batches(0):

@@ -16,8 +16,9 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
 from sora_dist import device as device_lib
+from sora_dist.checkpoint import gather_to_rank0
 from sora_dist.config import load_config
-from sora_dist.trainer import _build, _stop_signals, run_loop
+from sora_dist.trainer import build_run, run_loop, stop_signals
 
 
 def full_state(run) -> dict:
@@ -32,7 +33,8 @@ def full_state(run) -> dict:
             if torch.is_tensor(value) and value.dim() > 0:
                 flat[f"optim.{name}.{key}"] = value.detach().clone()
     if run.ema is not None:
-        flat.update({f"ema.{k}": v for k, v in run.ema.full_state_dict().items()})
+        ema = gather_to_rank0(run.ema.shadow)
+        flat.update({f"ema.{k}": v for k, v in (ema or {}).items()})
     return flat
 
 
@@ -52,14 +54,14 @@ def main():
     if world_size > 1:
         dist.init_process_group("gloo")
     cfg = load_config(None, overrides)
-    run, _ = _build(cfg, dev, world_size, rank, world_size > 1)
+    run, _ = build_run(cfg, dev, world_size, rank)
     result = {}
     if mode == "save":
         trained = []
         mark = run.loader.mark_consumed
         run.loader.mark_consumed = lambda batch: (trained.extend(batch.uids), mark(batch))
         run.batches = iter(run.loader)
-        with _stop_signals() as stop:
+        with stop_signals() as stop:
             run_loop(run, stop)
         result["trained"] = gather_positions(run, trained)
     else:

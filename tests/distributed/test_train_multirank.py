@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from sora_dist.config import load_config
-from sora_dist.trainer import build_model
+from sora_dist.build import build_single_device_model
 
 REPO = Path(__file__).parents[2]
 STEPS = 5
@@ -78,7 +78,7 @@ def test_data_parallel_training_learns_and_saves_whole_weights(synthetic_dir, tm
     assert len(history) == 12 and history[-1] < history[0]
     assert "optimizer state" in result.stderr and "per rank" in result.stderr
     cfg = load_config(tmp_path / "config.yaml")
-    model = build_model(cfg, 4, 32, torch.device("cpu"))
+    model = build_single_device_model(cfg, 4, 32, torch.device("cpu"))
     model.load_state_dict(load_file(tmp_path / "model.safetensors"))  # strict: every weight, unsharded
 
 

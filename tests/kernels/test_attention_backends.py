@@ -23,6 +23,12 @@ def stand_ins(monkeypatch):
 
 
 CPU_RUNNABLE = ["sdpa", "reference", "flash2", "flash3", "npu"]  # cudnn needs a GPU
+FLASH = ("flash2", "flash3")
+
+
+def dtype_and_tolerance(backend):
+    """flash-attn computes in fp16/bf16 only; the other backends are checked in fp64."""
+    return (torch.bfloat16, dict(atol=2e-2, rtol=2e-2)) if backend in FLASH else (torch.float64, {})
 
 
 @pytest.mark.parametrize("backend", CPU_RUNNABLE)
@@ -30,20 +36,37 @@ CPU_RUNNABLE = ["sdpa", "reference", "flash2", "flash3", "npu"]  # cudnn needs a
 @pytest.mark.parametrize("masked", [False, True])
 def test_backend_matches_reference_forward_and_backward(stand_ins, backend, shape, masked):
     b, h, n, m, d = shape
+    dtype, tol = dtype_and_tolerance(backend)
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(b, h, size, d, generator=g, dtype=torch.float64, requires_grad=True) for size in (n, m, m))
+    inputs = [torch.randn(b, h, size, d, generator=g, dtype=torch.float64).to(dtype) for size in (n, m, m)]
+    exact = [t.double().requires_grad_() for t in inputs]  # the same (rounded) values in fp64
+    q, k, v = (t.clone().requires_grad_() for t in inputs)
     key_mask = None
     if masked:
         key_mask = torch.ones(b, m, dtype=torch.bool)
         key_mask[0, m // 2 :] = False  # text padding
-    expected = reference_attention(q, k, v, key_mask)
+    expected = reference_attention(*exact, key_mask)
     grad_out = torch.randn(expected.shape, generator=g, dtype=torch.float64)
-    expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out)
+    expected_grads = torch.autograd.grad(expected, exact, grad_out)
     set_attention_backend(backend)
     out = attention(q, k, v, key_mask)
-    torch.testing.assert_close(out, expected)
-    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad_out), expected_grads):
-        torch.testing.assert_close(got, want)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), expected, **tol)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad_out.to(dtype)), expected_grads):
+        torch.testing.assert_close(got.double(), want, **tol)
+
+
+@pytest.mark.parametrize("backend", FLASH)
+def test_flash_backends_take_fp32_through_sdpa(stand_ins, backend):
+    """flash-attn has no fp32 kernels (its stand-in refuses fp32): an fp32 call, as when sampling
+    outside autocast, must not reach it."""
+    q, k, v = (torch.randn(2, 2, 6, 16) for _ in range(3))
+    key_mask = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+    set_attention_backend(backend)
+    torch.testing.assert_close(attention(q, k, v, key_mask), reference_attention(q, k, v, key_mask))
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    flat = [t[0].transpose(0, 1).contiguous() for t in (q, k, v)]
+    torch.testing.assert_close(attention_varlen(*flat, cu, cu, 6, 6), reference_attention(q[:1], k[:1], v[:1])[0].transpose(0, 1))
 
 
 def test_npu_backend_uses_the_transpose_free_layout(stand_ins):
@@ -55,14 +78,16 @@ def test_npu_backend_uses_the_transpose_free_layout(stand_ins):
 @pytest.mark.parametrize("backend", ["sdpa", "flash2", "flash3", "npu"])
 def test_varlen_attends_within_segments_only(stand_ins, backend):
     lengths = [5, 1, 9]
+    dtype, tol = dtype_and_tolerance(backend)
     g = torch.Generator().manual_seed(1)
-    segments = [[torch.randn(n, 3, 16, generator=g, dtype=torch.float64) for _ in range(3)] for n in lengths]
+    segments = [[torch.randn(n, 3, 16, generator=g, dtype=torch.float64).to(dtype) for _ in range(3)] for n in lengths]
     q, k, v = (torch.cat([s[i] for s in segments]) for i in range(3))
     cu = torch.tensor([0, 5, 6, 15], dtype=torch.int32)
     set_attention_backend(backend)
     out = attention_varlen(q, k, v, cu, cu, max(lengths), max(lengths))
-    expected = torch.cat([reference_attention(*(t.transpose(0, 1)[None] for t in seg))[0].transpose(0, 1) for seg in segments])
-    torch.testing.assert_close(out, expected)
+    expected = torch.cat([reference_attention(*(t.transpose(0, 1)[None].double() for t in seg))[0].transpose(0, 1) for seg in segments])
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), expected, **tol)
 
 
 def test_backend_choice_per_device(monkeypatch):

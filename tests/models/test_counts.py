@@ -4,7 +4,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sora_dist.config import ModelConfig
 from sora_dist.kernels import set_attention_backend
-from sora_dist.models import PRESETS, VideoDiT, count_parameters, forward_flops, resolve_model_config, train_flops
+from sora_dist.config import resolve_model_config
+from sora_dist.models import PRESETS, VideoDiT, count_parameters, forward_flops, train_flops
 
 # Nominal size of each preset with a 4096-wide text encoder (T5-XXL) and 4 latent channels.
 NOMINAL = {"debug": (0.4e6, 0.6e6), "S": (35e6, 50e6), "B": (140e6, 180e6), "L": (0.5e9, 0.62e9),

@@ -3,7 +3,8 @@ import torch
 
 from sora_dist.config import ModelConfig
 from sora_dist.kernels import BACKENDS, attention, set_attention_backend
-from sora_dist.models import VideoDiT, resolve_model_config
+from sora_dist.config import resolve_model_config
+from sora_dist.models import VideoDiT
 from sora_dist.kernels.fused import rope as apply_rope
 from sora_dist.models.dit import rope_angles, rope_dims
 

@@ -81,7 +81,7 @@ def fused_table(dev, dtype, tokens, width, repeats) -> list[dict]:
 
 
 def step_table(args) -> list[dict]:
-    from sora_dist.bench_train import benchmark
+    from sora_dist.perf.bench_train import benchmark
 
     rows = []
     for kernels in ("reference", "auto"):

@@ -3,7 +3,7 @@ build path (meta init, parallel layout, data-parallel engine, bf16 on GPU/NPU), 
 latents of a fixed shape so the numbers measure the model and the layout, not the data.
 
   sora-dist bench-train --preset 1B --latent 16 64 64 --batch 1 --steps 20          # one GPU
-  torchrun --nproc-per-node 8 -m sora_dist.bench_train --preset 3B --latent 32 64 64 \\
+  torchrun --nproc-per-node 8 -m sora_dist.perf.bench_train --preset 3B --latent 32 64 64 \\
       --parallel.sp_ulysses=4 --parallel.activation_checkpointing=full           # a layout
 
 MFU is model FLOPs (``sora_dist.models.train_flops``: 3x the forward matmuls) per second over
@@ -25,35 +25,24 @@ import torch
 import torch.distributed as dist
 
 from sora_dist import device as device_lib
-from sora_dist.config import load_config
+from sora_dist.build import build_stack, start_distributed
+from sora_dist.config import load_config, resolve_model_config
 from sora_dist.diffusion import build_objective
 from sora_dist.kernels import get_attention_backend
-from sora_dist.models import VideoDiT, count_parameters, resolve_model_config, train_flops
-from sora_dist.parallel import build_mesh, make_engine, parallelize, resolve_dims
 from sora_dist.kernels.fused import get_fused_backend
-from sora_dist.trainer import _autocast_dtype, param_groups, select_kernels
+from sora_dist.models import count_parameters, train_flops
 
 TEXT_DIM = 4096  # T5-XXL width
 IN_CHANNELS = 16  # a current video VAE's latent channels
 
 
 def benchmark(args, overrides: list[str]) -> dict:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = load_config(None, [f"--model.preset={args.preset}", *overrides])
     dev = device_lib.detect(cfg.parallel.device)
-    if world_size > 1:
-        dist.init_process_group(dev.comm_backend)
+    world_size, _ = start_distributed(dev, cfg.parallel.collective_timeout_minutes)
     model_cfg = resolve_model_config(cfg.model, IN_CHANNELS, TEXT_DIM)
-    dims = resolve_dims(cfg.parallel, world_size, model_cfg)
-    mesh = build_mesh(dims, dev.kind) if world_size > 1 else None
-    select_kernels(cfg, dev)
-    autocast_dtype = _autocast_dtype(cfg, dev)
-    with torch.device("meta"):
-        model = VideoDiT(model_cfg)
-    parallelize(model, cfg.parallel, dims, mesh, dev.torch_device, autocast_dtype)
-    optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-4)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    engine = make_engine(model, cfg.parallel, dims, mesh, dev.torch_device, optimizer, scheduler, 1.0, 1, autocast_dtype is not None)
+    stack = build_stack(cfg, dev, model_cfg, world_size)
+    engine, dims, autocast_dtype = stack.engine, stack.dims, stack.autocast_dtype
     objective = build_objective(cfg.diffusion, model_cfg.patch_size)
     shape = tuple(args.latent)
     g = torch.Generator(device=dev.torch_device).manual_seed(0)
@@ -87,7 +76,7 @@ def benchmark(args, overrides: list[str]) -> dict:
         "mfu": flops_per_step / step_s / (peak * world_size) if peak else None,
         **dev.memory_stats(),
     }
-    if world_size > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return result
 

@@ -2,7 +2,7 @@
 blocking against asynchronous saves, on the real trainer path.
 
   sora-dist bench-checkpoint [--preset S] [--steps 8] [--json out.json] [--section.key=value ...]
-  torchrun --nproc-per-node 2 -m sora_dist.bench_checkpoint --preset S      # per-rank numbers
+  torchrun --nproc-per-node 2 -m sora_dist.perf.bench_checkpoint --preset S      # per-rank numbers
 
 Three fresh runs of the same config train ``steps`` steps: without checkpoints, and with a save
 every steps/2 steps, blocking or asynchronous (the run's final checkpoint is always blocking, so
@@ -26,17 +26,18 @@ import torch.distributed as dist
 from sora_dist import device as device_lib
 from sora_dist.config import load_config
 from sora_dist.data import make_synthetic
-from sora_dist.trainer import _build, _stop_signals, run_loop
+from sora_dist.build import start_distributed
+from sora_dist.trainer import build_run, run_loop, stop_signals
 
 log = logging.getLogger("sora_dist")
 
 
 def _timed_run(overrides: list[str], dev, world_size: int, rank: int) -> tuple[float, object]:
-    run, _ = _build(load_config(None, overrides), dev, world_size, rank, world_size > 1)
+    run, _ = build_run(load_config(None, overrides), dev, world_size, rank)
     run.batches = iter(run.loader)
     next(run.batches)  # start the data workers before the clock
     start = time.perf_counter()
-    with _stop_signals() as stop:
+    with stop_signals() as stop:
         run_loop(run, stop)
     return time.perf_counter() - start, run
 
@@ -46,10 +47,8 @@ def _rank_bytes(step_dir: Path, rank: int) -> int:
 
 
 def benchmark(preset: str, steps: int, extra: list[str], workdir: Path) -> dict:
-    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     dev = device_lib.detect("auto")
-    if world_size > 1:
-        dist.init_process_group(dev.comm_backend)
+    world_size, rank = start_distributed(dev)
     data = workdir / "data"
     if rank == 0 and not data.exists():
         make_synthetic(data, num_samples=256, seed=0)
@@ -69,7 +68,7 @@ def benchmark(preset: str, steps: int, extra: list[str], workdir: Path) -> dict:
     results["bytes_per_rank"] = _rank_bytes(step_dir, rank)
     results["bytes_total"] = sum(p.stat().st_size for p in step_dir.rglob("*") if p.is_file())
     # Save time alone, then load time, on a fresh run of the same layout.
-    run, _ = _build(load_config(None, base + [f"--train.out_dir={workdir / 'timing'}"]), dev, world_size, rank, world_size > 1)
+    run, _ = build_run(load_config(None, base + [f"--train.out_dir={workdir / 'timing'}"]), dev, world_size, rank)
     start = time.perf_counter()
     path = run.ckpt.save(steps, run.state, run.cfg, blocking=True)
     results["save_s"] = time.perf_counter() - start
@@ -78,7 +77,7 @@ def benchmark(preset: str, steps: int, extra: list[str], workdir: Path) -> dict:
     results["load_s"] = time.perf_counter() - start
     results["overhead_blocking_s"] = results["train_s_blocking"] - results["train_s_none"]
     results["overhead_async_s"] = results["train_s_async"] - results["train_s_none"]
-    if world_size > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return results
 

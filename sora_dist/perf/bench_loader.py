@@ -36,12 +36,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from sora_dist.config import Config, load_config
+from sora_dist.config import Config, load_config, resolve_model_config
 from sora_dist.data import LatentLoader, ShardWriter, make_synthetic, read_manifest
 from sora_dist.data.format import Sample
-from sora_dist.models import resolve_model_config, train_flops
+from sora_dist.models import train_flops
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
