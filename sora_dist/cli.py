@@ -157,7 +157,9 @@ def cmd_plot(args: argparse.Namespace, overrides: list[str]) -> None:
     log.info("loss curves -> %s", args.out)
 
 
-BENCHMARKS = {
+# Commands with their own argument parsers: modules that also run under torchrun (python -m ...).
+MODULE_COMMANDS = {
+    "gpu-proof": "sora_dist.perf.gpu_proof",
     "bench-train": "sora_dist.perf.bench_train",
     "bench-kernels": "sora_dist.perf.bench_kernels",
     "bench-checkpoint": "sora_dist.perf.bench_checkpoint",
@@ -230,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA weights")
     p.set_defaults(func=cmd_export, overrides_allowed=False)
 
+    sub.add_parser("gpu-proof", help="prove a GPU machine: GPU tests, demo in bf16, bench-train/kernels/loader; writes JSON + markdown (see --help)")
     sub.add_parser("bench-train", help="step time, tokens/s, MFU and memory of a preset and layout (see --help)")
     sub.add_parser("bench-kernels", help="attention TFLOP/s, fused kernels' GB/s, step time with fused kernels on/off")
     sub.add_parser("bench-checkpoint", help="time checkpoint save/load and async vs blocking overhead (see --help)")
@@ -248,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] and argv[0] in BENCHMARKS:  # their own argument parsers (torchrun-able modules)
-        return importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:])
+    if argv[:1] and argv[0] in MODULE_COMMANDS:
+        return importlib.import_module(MODULE_COMMANDS[argv[0]]).main(argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not args.overrides_allowed:

@@ -16,7 +16,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -81,12 +80,13 @@ def fused_table(dev, dtype, tokens, width, repeats) -> list[dict]:
 
 
 def step_table(args) -> list[dict]:
-    from sora_dist.perf.bench_train import benchmark
+    from sora_dist.perf.bench_train import benchmark, parse_args
 
     rows = []
     for kernels in ("reference", "auto"):
-        bench = SimpleNamespace(preset=args.step_preset, latent=args.step_latent, batch=1, text_len=128, steps=args.repeats, warmup=2)
-        result = benchmark(bench, [f"--model.fused_backend={kernels}"])
+        bench, overrides = parse_args(["--preset", args.step_preset, "--latent", *map(str, args.step_latent), "--steps", str(args.repeats),
+                                       "--warmup", "2", f"--model.fused_backend={kernels}"])
+        result = benchmark(bench, overrides)
         rows.append({k: result[k] for k in ("fused", "step_s_median", "tflops_per_device", "mfu", "mem_peak_gib", "tokens_per_sample")})
     return rows
 

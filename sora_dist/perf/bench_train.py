@@ -50,18 +50,16 @@ def benchmark(args, overrides: list[str]) -> dict:
     text = torch.randn(args.batch, args.text_len, TEXT_DIM, generator=g, device=dev.torch_device)
     mask = torch.ones(args.batch, args.text_len, dtype=torch.bool, device=dev.torch_device)
 
-    times = []
-    dev.reset_peak_memory()
-    for step in range(args.warmup + args.steps):
-        dev.synchronize()
-        start = time.perf_counter()
+    def step():
         with dev.autocast(autocast_dtype):
             loss = objective.loss(engine.model, latents, text, mask, g).mean()
         engine.backward(loss * dims.sp)
         engine.step(lambda norm: None)
-        dev.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
+
+    dev.reset_peak_memory()
+    times = timed(step, dev, args.warmup, args.steps)
+    if args.profile:
+        profile(step, dev, Path(args.profile), int(os.environ.get("RANK", "0")))
     step_s = statistics.median(times)
     tokens = model_cfg.num_tokens(shape)
     flops_per_step = args.batch * dims.dp * train_flops(model_cfg, shape, args.text_len)  # global
@@ -81,6 +79,39 @@ def benchmark(args, overrides: list[str]) -> dict:
     return result
 
 
+def timed(step, dev, warmup: int, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` steps after ``warmup`` untimed ones, device-synchronized."""
+    times = []
+    for i in range(warmup + steps):
+        dev.synchronize()
+        start = time.perf_counter()
+        step()
+        dev.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def profile(step, dev, folder: Path, rank: int, steps: int = 3) -> None:
+    """torch.profiler over a few steps: a Chrome trace per rank in ``folder`` and, on rank 0, the
+    operators that take the most time (device time where there is a device)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.kind == "cuda" else [])
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch_profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+        dev.synchronize()
+    prof.export_chrome_trace(str(folder / f"trace_rank{rank}.json"))
+    if rank == 0:
+        sort_by = "self_cuda_time_total" if dev.kind == "cuda" else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort_by, row_limit=25)
+        (folder / "top_ops.txt").write_text(table)
+        print(table)
+
+
 def print_table(r: dict) -> None:
     print(f"\ntraining-step benchmark, {r['date']}, {r['device']} x {r['world_size']} ({r['layout']})")
     print(f"  model {r['preset']} ({r['parameters'] / 1e9:.3f}B), latent {r['latent']} = {r['tokens_per_sample']} tokens, "
@@ -97,7 +128,8 @@ def print_table(r: dict) -> None:
         print(f"  {name:<26} {value}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """bench-train's options, and the --section.key=value config overrides after them."""
     parser = argparse.ArgumentParser(prog="sora-dist bench-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="debug")
     parser.add_argument("--latent", type=int, nargs=3, default=[4, 16, 16], metavar=("T", "H", "W"), help="latent frames, height, width")
@@ -106,7 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", default="", help="also write the numbers to this JSON file")
-    args, overrides = parser.parse_known_args(argv)
+    parser.add_argument("--profile", default="", help="after timing, profile 3 steps into this folder (Chrome traces, top operators)")
+    return parser.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     result = benchmark(args, overrides)
     if int(os.environ.get("RANK", "0")) == 0:
