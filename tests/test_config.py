@@ -82,3 +82,13 @@ def test_shipped_configs_load():
     assert len(configs) >= 4
     for path in configs:
         load_config(path)
+
+
+def test_cluster_configs_save_and_resume():
+    """A long run on a cluster must checkpoint: every real-size config saves on a clock and resumes."""
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parents[1].glob("configs/dit_*.yaml")):
+        cfg = load_config(path)
+        assert cfg.checkpoint.every_minutes > 0 and cfg.checkpoint.every_steps > 0, path
+        assert cfg.checkpoint.resume == "auto" and cfg.checkpoint.async_save and cfg.checkpoint.keep_last >= 2, path

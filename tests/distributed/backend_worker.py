@@ -25,7 +25,8 @@ def main():
     manager.due(step=1)
     gathered = [None] * world
     dist.all_gather_object(gathered, rank)
-    print("consumed", int(sum(m.sum() for m in state["consumed"].values())), "ranks", gathered, flush=True)
+    if rank == 0:
+        print("consumed", int(sum(m.sum() for m in state["consumed"].values())), "ranks", gathered, flush=True)
     dist.destroy_process_group()
 
 
