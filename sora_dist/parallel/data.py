@@ -108,6 +108,17 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, dims: ParallelDims, param_d
     for block in model.blocks:
         fully_shard(block, mesh=fsdp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=fsdp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    if fsdp_mesh.device_type == "cpu":
+        _sum_then_divide_on_gloo(model)
+
+
+def _sum_then_divide_on_gloo(model: nn.Module) -> None:
+    """FSDP2 averages gradients with ReduceOp.AVG, which gloo's reduce-scatter in torch 2.8 treats as
+    SUM (gradients N times too large; torch 2.13 averages). SUM followed by FSDP's own division is
+    right on every version."""
+    for module in model.modules():
+        if hasattr(module, "set_force_sum_reduction_for_comms"):
+            module.set_force_sum_reduction_for_comms(True)
 
 
 def apply_ddp(model: nn.Module, mesh: ParallelMesh, device: torch.device) -> nn.Module:
