@@ -164,6 +164,11 @@ MODULE_COMMANDS = {
     "bench-kernels": "sora_dist.perf.bench_kernels",
     "bench-checkpoint": "sora_dist.perf.bench_checkpoint",
     "bench-loader": "sora_dist.perf.bench_loader",
+    "bench-comm": "sora_dist.perf.bench_comm",
+    "calibrate": "sora_dist.perf.calibration",
+    "plan": "sora_dist.perf.plan",
+    "bench-scaling": "sora_dist.perf.scaling",
+    "scaling-report": "sora_dist.perf.scaling:report_main",
 }
 
 
@@ -237,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench-kernels", help="attention TFLOP/s, fused kernels' GB/s, step time with fused kernels on/off")
     sub.add_parser("bench-checkpoint", help="time checkpoint save/load and async vs blocking overhead (see --help)")
     sub.add_parser("bench-loader", help="shard streaming samples/s and MB/s, and data wait against a step time (see --help)")
+    sub.add_parser("bench-comm", help="all-gather, reduce-scatter, all-reduce, all-to-all, ring send/recv on every mesh group (under torchrun)")
+    sub.add_parser("calibrate", help="measure this device's achieved FLOP/s and overheads for the performance model")
+    sub.add_parser("plan", help="rank every layout on N accelerators: step time, exposed comm, memory, MFU; scaling tables (see --help)")
+    sub.add_parser("bench-scaling", help="bench-train over many layouts and world sizes, against the model's predictions")
+    sub.add_parser("scaling-report", help="predicted vs measured from bench-train JSON of separate jobs")
 
     p = sub.add_parser("plot", help="plot the loss curves of several runs on one chart")
     p.add_argument("runs", nargs="+", help="run folders, optionally labelled: LABEL=runs/x")
@@ -252,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] and argv[0] in MODULE_COMMANDS:
-        return importlib.import_module(MODULE_COMMANDS[argv[0]]).main(argv[1:])
+        module, _, function = MODULE_COMMANDS[argv[0]].partition(":")
+        return getattr(importlib.import_module(module), function or "main")(argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not args.overrides_allowed:

@@ -131,6 +131,13 @@ class Device:
             "mem_peak_gib": module.max_memory_allocated() / gib,
         }
 
+    def free_memory_bytes(self) -> int:
+        """Memory free for new tensors: the device's free memory, or the host's available memory on cpu."""
+        if self.kind == "cpu":
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        free, _total = self._module().mem_get_info(self.index)
+        return free
+
     def autocast(self, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
         """Autocast to ``dtype`` on this device, or a no-op for None (full fp32)."""
         if dtype is None:

@@ -13,7 +13,7 @@ the device's peak dense bf16 rate; it is reported only where that peak is known.
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import logging
 import os
 import statistics
@@ -31,6 +31,8 @@ from sora_dist.diffusion import build_objective
 from sora_dist.kernels import get_attention_backend
 from sora_dist.kernels.fused import get_fused_backend
 from sora_dist.models import count_parameters, train_flops
+from sora_dist.parallel.mesh import MESH_DIMS
+from sora_dist.perf.output import report_on_rank_zero
 
 TEXT_DIM = 4096  # T5-XXL width
 IN_CHANNELS = 16  # a current video VAE's latent channels
@@ -67,7 +69,11 @@ def benchmark(args, overrides: list[str]) -> dict:
     result = {
         "date": time.strftime("%Y-%m-%d"), "device": dev.name, "world_size": world_size, "layout": dims.describe(),
         "preset": args.preset, "parameters": count_parameters(model_cfg), "latent": list(shape), "tokens_per_sample": tokens,
-        "batch_per_dp_rank": args.batch, "precision": str(autocast_dtype or "fp32"), "attention": get_attention_backend(), "fused": get_fused_backend(),
+        "batch_per_dp_rank": args.batch, "text_len": args.text_len, "model": dataclasses.asdict(model_cfg),
+        "degrees": dict(zip(MESH_DIMS, dims.degrees)), "engine": dims.engine, "activation_checkpointing": cfg.parallel.activation_checkpointing,
+        "ac_every": cfg.parallel.ac_every, "reshard_after_forward": cfg.parallel.reshard_after_forward,
+        "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", "1")), "threads": torch.get_num_threads(),
+        "precision": str(autocast_dtype or "fp32"), "attention": get_attention_backend(), "fused": get_fused_backend(),
         "step_s_median": step_s, "step_s_min": min(times),
         "tokens_per_s_per_device": args.batch * dims.dp * tokens / step_s / world_size,
         "tflops_per_device": flops_per_step / step_s / world_size / 1e12,
@@ -145,11 +151,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    result = benchmark(args, overrides)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print_table(result)
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2))
+    report_on_rank_zero(benchmark(args, overrides), print_table, args.json)
     return 0
 
 

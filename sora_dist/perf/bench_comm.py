@@ -1,0 +1,214 @@
+"""Collectives benchmark: the bandwidth of every mesh dimension's process group of a layout.
+
+  torchrun --nproc-per-node 8 -m sora_dist.perf.bench_comm --parallel.tp=2 --parallel.sp_ulysses=2
+  sora-dist bench-comm --max-bytes 16M ...            (the same, inside an existing torchrun)
+
+For each mesh dimension whose degree is above 1 (dp_replicate, dp_shard, sp_ring, sp_ulysses, tp)
+it times, on that dimension's groups (all groups of a dimension run at once, as in training):
+all_gather_into_tensor, reduce_scatter_tensor, all_reduce, all_to_all_single, and on sp_ring the
+ring's send/recv (each rank sends to the next and receives from the previous), from 1 KiB up to
+--max-bytes (default 256 MiB, capped so that the buffers take at most a quarter of free memory).
+
+Sizes and bandwidths follow nccl-tests (github.com/NVIDIA/nccl-tests, doc/PERFORMANCE.md):
+  size   the whole buffer: all_gather's output, reduce_scatter's input, all_reduce's and
+         all_to_all's buffer, the bytes a rank sends in send/recv;
+  time   the slowest rank's mean over --iters iterations (after --warmup);
+  algbw  size / time;
+  busbw  algbw x the collective's factor for a group of n ranks: 2(n-1)/n for all_reduce,
+         (n-1)/n for all_gather, reduce_scatter and all_to_all, 1 for send/recv. busbw is
+         comparable with the link's hardware bandwidth whatever n is.
+Buffers are fp32. Each call (but all_reduce, which works in place) writes a freshly allocated
+output, as in training, where FSDP, the TP layers and the sequence-parallel exchanges allocate
+every collective's output anew: with a caching allocator (CUDA, NPU) that costs nothing, while on
+cpu it adds the page faults training pays (a 5.6 MB all-gather on 2 gloo ranks here: 8.0 ms
+fresh against 4.7 ms into a reused buffer). The JSON (--json) has date, device, backend and every
+row; the performance model (sora-dist plan --calibration) fits latency and bandwidth per group from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from sora_dist import device as device_lib
+from sora_dist.build import start_distributed
+from sora_dist.config import load_config, resolve_model_config
+from sora_dist.parallel.mesh import MESH_DIMS, build_mesh, resolve_dims
+from sora_dist.perf.output import report_on_rank_zero
+
+OPS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "send_recv")
+ELEMENT_BYTES = 4  # fp32 buffers
+# Renamed in torch 2.13 (the old names warn there); the GPU machine's torch 2.11 has only the old ones.
+ALL_GATHER = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+
+def bus_factor(op: str, n: int) -> float:
+    """nccl-tests' factor from algorithm to bus bandwidth for a collective over n ranks."""
+    if op == "all_reduce":
+        return 2 * (n - 1) / n
+    if op in ("all_gather", "reduce_scatter", "all_to_all"):
+        return (n - 1) / n
+    if op == "send_recv":
+        return 1.0
+    raise ValueError(f"unknown collective {op!r}: choose from {OPS}")
+
+
+def message_sizes(min_bytes: int, max_bytes: int, factor: int = 4) -> list[int]:
+    """min_bytes, min_bytes*factor, ... up to max_bytes (included when it is on the ladder)."""
+    sizes, size = [], min_bytes
+    while size <= max_bytes:
+        sizes.append(size)
+        size *= factor
+    return sizes
+
+
+def parse_bytes(text: str) -> int:
+    """'256M', '1G', '4096' -> bytes (K, M, G are powers of 1024)."""
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def collective(op: str, group, nbytes: int, device: torch.device) -> Callable[[], None]:
+    """A closure that runs one ``op`` of ``nbytes`` (nccl-tests' size) on ``group``."""
+    n, rank = dist.get_world_size(group), dist.get_rank(group)
+    numel = max(n, nbytes // ELEMENT_BYTES // n * n)  # whole elements, divisible by n
+    full = torch.ones(numel, device=device)
+    part = torch.ones(numel // n, device=device)
+    if op == "all_gather":
+        return lambda: ALL_GATHER(torch.empty_like(full), part, group=group)
+    if op == "reduce_scatter":
+        return lambda: REDUCE_SCATTER(torch.empty_like(part), full, group=group)
+    if op == "all_reduce":
+        return lambda: dist.all_reduce(full, group=group)  # in place: its output is its input
+    if op == "all_to_all":
+        return lambda: dist.all_to_all_single(torch.empty_like(full), full, group=group)
+    if op == "send_recv":
+        send_to = dist.get_global_rank(group, (rank + 1) % n)
+        recv_from = dist.get_global_rank(group, (rank - 1) % n)
+
+        def ring_step():
+            received = torch.empty_like(full)
+            ops = [dist.P2POp(dist.isend, full, send_to, group), dist.P2POp(dist.irecv, received, recv_from, group)]
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
+
+        return ring_step
+    raise ValueError(f"unknown collective {op!r}: choose from {OPS}")
+
+
+def time_op(run: Callable[[], None], group, dev: device_lib.Device, warmup: int, iters: int) -> float:
+    """Mean seconds per call on this rank, after ``warmup`` calls; the group starts together."""
+    for _ in range(warmup):
+        run()
+    dev.synchronize()
+    dist.barrier(group=group)
+    start = time.perf_counter()
+    for _ in range(iters):
+        run()
+    dev.synchronize()
+    return (time.perf_counter() - start) / iters
+
+
+def slowest(seconds: float, device: torch.device) -> float:
+    """The largest value over every rank of the world."""
+    value = torch.tensor([seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.item()
+
+
+def measured_dims(dims) -> list[str]:
+    """Mesh dimensions of the layout that have a group to measure (degree above 1)."""
+    return [name for name in MESH_DIMS if getattr(dims, name) > 1]
+
+
+def ops_for(dim: str) -> tuple[str, ...]:
+    """The ring's send/recv only where the ring runs; every collective everywhere."""
+    return OPS if dim == "sp_ring" else OPS[:-1]
+
+
+def size_limit(requested: int, dev: device_lib.Device, world_size: int) -> int:
+    """``requested``, capped so that an op's buffers (at most 3 of the size) fit in a quarter of the
+    free memory, shared by the ranks of a host on cpu."""
+    free = dev.free_memory_bytes() // (world_size if dev.kind == "cpu" else 1)
+    return min(requested, free // 12)
+
+
+def benchmark(args, overrides: list[str], progress=print) -> dict:
+    cfg = load_config(None, [f"--model.preset={args.preset}", *overrides])
+    dev = device_lib.detect(cfg.parallel.device)
+    world_size, rank = start_distributed(dev, cfg.parallel.collective_timeout_minutes)
+    if world_size < 2:
+        raise SystemExit("bench-comm needs at least 2 ranks: run it under torchrun --nproc-per-node N")
+    dims = resolve_dims(cfg.parallel, world_size, resolve_model_config(cfg.model, 4, 64))
+    mesh = build_mesh(dims, dev.kind)
+    max_bytes = size_limit(args.max_bytes, dev, world_size)
+    rows = []
+    for dim in measured_dims(dims):
+        group, n = mesh[dim].get_group(), getattr(dims, dim)
+        for op in ops_for(dim):
+            for nbytes in message_sizes(args.min_bytes, max_bytes):
+                seconds = slowest(time_op(collective(op, group, nbytes, dev.torch_device), group, dev, args.warmup, args.iters), dev.torch_device)
+                algbw = nbytes / seconds
+                rows.append({"dim": dim, "group_size": n, "op": op, "bytes": nbytes, "time_us": seconds * 1e6,
+                             "algbw_gbps": algbw / 1e9, "busbw_gbps": algbw * bus_factor(op, n) / 1e9})
+            if rank == 0:
+                progress(f"bench-comm: {dim} (n={n}) {op} done, peak busbw {max(r['busbw_gbps'] for r in rows if r['dim'] == dim and r['op'] == op):.2f} GB/s")
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "device": dev.name, "backend": dist.get_backend(), "world_size": world_size,
+            "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+            "layout": dims.describe(), "degrees": dict(zip(MESH_DIMS, dims.degrees)), "dtype": "float32", "rows": rows}
+
+
+def format_table(result: dict) -> str:
+    lines = [f"collectives benchmark, {result['date']}, {result['device']} x {result['world_size']}, "
+             f"backend {result['backend']}, {result['layout']}; time in us, busbw in GB/s (nccl-tests definitions)"]
+    for dim in dict.fromkeys(r["dim"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["dim"] == dim]
+        ops = list(dict.fromkeys(r["op"] for r in rows))
+        lines.append(f"\n{dim} (group of {rows[0]['group_size']})")
+        lines.append(f"{'size':>10} " + " ".join(f"{op + ' us':>16} {'busbw':>7}" for op in ops))
+        for nbytes in dict.fromkeys(r["bytes"] for r in rows):
+            cells = {r["op"]: r for r in rows if r["bytes"] == nbytes}
+            lines.append(f"{_human(nbytes):>10} " + " ".join(f"{cells[op]['time_us']:>16.1f} {cells[op]['busbw_gbps']:>7.2f}" for op in ops))
+    return "\n".join(lines)
+
+
+def _human(nbytes: int) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:g} {unit}"
+    return f"{nbytes} B"
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="sora-dist bench-comm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="XL", help="model preset whose head count the layout is checked against")
+    parser.add_argument("--min-bytes", type=parse_bytes, default=1024, help="smallest message (default 1K)")
+    parser.add_argument("--max-bytes", type=parse_bytes, default=256 * 1024**2, help="largest message (default 256M)")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", default="", help="also write every row to this JSON file")
+    return parser.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    result = benchmark(args, overrides)
+    report_on_rank_zero(result, lambda r: print(format_table(r)), args.json)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

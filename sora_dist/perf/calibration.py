@@ -1,0 +1,170 @@
+"""Calibrating the performance model on the user's own hardware, and reading measurements back.
+
+  sora-dist calibrate --preset S --latent 4 16 16 --batches 1 2 4 --out calib.json   # one device
+  torchrun --nproc-per-node 8 -m sora_dist.perf.bench_comm --json comm8.json        # its links
+
+``calibrate`` times bench-train on one device at several batch sizes and fits step time = fixed
+overhead + optimizer update (memory bound, from a timed device copy) + FLOPs / achieved rate. It
+also times writes into newly allocated memory, which collectives' outputs and FSDP's copies pay
+(page faults on cpu; a caching allocator's reused blocks on CUDA/NPU). The model then needs only
+the layout-dependent terms. bench-comm's JSON gives each collective's
+latency (its smallest message) and bus bandwidth (its largest message) per group size, inside a
+node or across nodes. Several files may be passed to ``sora-dist plan --calibration``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sora_dist import device as device_lib
+from sora_dist.errors import ConfigError
+from sora_dist.models import DiTConfig
+from sora_dist.parallel.mesh import MESH_DIMS, ParallelDims
+from sora_dist.perf import bench_train
+from sora_dist.perf.bench_comm import bus_factor
+from sora_dist.perf.model import OPTIMIZER_BYTES_PER_PARAM, Calibration, Layout, Workload, compute_flops, parameter_count_per_rank
+
+
+def copy_bandwidth(dev: device_lib.Device, nbytes: int = 256 * 1024**2, repeats: int = 5) -> float:
+    """Bytes/s of a device copy (read + write counted), best of ``repeats``."""
+    src = torch.empty(nbytes // 4, device=dev.torch_device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        dev.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        dev.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
+
+
+def fresh_write_bandwidth(dev: device_lib.Device, nbytes: int = 8 * 1024**2, repeats: int = 20) -> float:
+    """Bytes/s of filling a newly allocated buffer of the size of a block's collective, median of
+    ``repeats``."""
+    times = []
+    for _ in range(repeats):
+        dev.synchronize()
+        start = time.perf_counter()
+        torch.empty(nbytes // 4, device=dev.torch_device).fill_(1.0)
+        dev.synchronize()
+        times.append(time.perf_counter() - start)
+    return nbytes / sorted(times)[len(times) // 2]
+
+
+def workload_and_layout(result: dict) -> tuple[Workload, Layout]:
+    """The model's view of a bench-train JSON result."""
+    model = DiTConfig(**{**result["model"], "patch_size": tuple(result["model"]["patch_size"])})
+    dims = ParallelDims(*(result["degrees"][name] for name in MESH_DIMS), result["engine"])
+    element = 4 if result["precision"] == "fp32" else 2
+    work = Workload(model, tuple(result["latent"]), result["text_len"], result["batch_per_dp_rank"] * dims.dp, element, element)
+    return work, Layout(dims, result["activation_checkpointing"], result["ac_every"], result["reshard_after_forward"])
+
+
+def fit_compute(results: list[dict], memory_bw: float) -> tuple[float, float]:
+    """(achieved FLOP/s, fixed seconds per step) from single-device bench-train results: a least
+    squares line through (FLOPs, step time minus the optimizer update). One result gives a rate
+    and no overhead; a negative overhead is clamped to 0 and the rate refitted through the origin."""
+    points = []
+    for r in results:
+        work, layout = workload_and_layout(r)
+        optimizer_s = OPTIMIZER_BYTES_PER_PARAM * parameter_count_per_rank(work.model, layout.dims) / memory_bw
+        points.append((compute_flops(work, layout)[0], r["step_s_median"] - optimizer_s))
+    if len(points) > 1:
+        n = len(points)
+        mean_x, mean_y = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
+        overhead = mean_y - slope * mean_x
+        if slope > 0 and overhead >= 0:
+            return 1 / slope, overhead
+    return sum(x for x, _ in points) / sum(y for _, y in points), 0.0
+
+
+def fit_links(comm: dict) -> dict[tuple[str, int, bool, int], tuple[float, float]]:
+    """(op, group size, spans nodes, world size) -> (latency, bus bandwidth) from a bench-comm JSON."""
+    per_node = comm.get("local_world_size", comm["world_size"])
+    degrees = comm["degrees"]
+    links = {}
+    for key in {(r["dim"], r["op"], r["group_size"]) for r in comm["rows"]}:
+        rows = sorted((r for r in comm["rows"] if (r["dim"], r["op"], r["group_size"]) == key), key=lambda r: r["bytes"])
+        dim, op, n = key
+        inner = MESH_DIMS[MESH_DIMS.index(dim) + 1:]
+        across = n * _prod(degrees[d] for d in inner) > per_node
+        links[(op, n, across, comm["world_size"])] = fit_latency_bandwidth(rows, bus_factor(op, n))
+    return links
+
+
+def fit_latency_bandwidth(rows: list[dict], factor: float) -> tuple[float, float]:
+    """(latency, bus bandwidth) of ``time = latency + bytes x factor / busbw`` through one group's
+    rows: the latency is the smallest message's time, the bandwidth a least-squares slope over
+    every size (robust to one noisy large message, unlike the largest message alone)."""
+    latency = rows[0]["time_us"] * 1e-6
+    points = [(r["bytes"] * factor, r["time_us"] * 1e-6 - latency) for r in rows[1:]] or [(rows[0]["bytes"] * factor, latency)]
+    slope = sum(x * y for x, y in points) / sum(x * x for x, _ in points)
+    return latency, 1 / slope if slope > 0 else rows[-1]["busbw_gbps"] * 1e9
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+def load_calibration(paths: list[str]) -> Calibration:
+    """One Calibration from any mix of ``calibrate`` and bench-comm JSON files."""
+    cal = Calibration()
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        if "rows" in data:
+            cal.comm.update(fit_links(data))
+        elif data.get("kind") == "calibration":
+            cal.flops_rate, cal.step_overhead_s = data["flops_rate"], data["step_overhead_s"]
+            cal.memory_bw, cal.shared_cores = data["memory_bw"], data.get("shared_cores", 0)
+            cal.fresh_write_bw = data["fresh_write_bw"]
+        else:
+            raise ConfigError(f"{path} is neither a `sora-dist calibrate` nor a bench-comm JSON file")
+    return cal
+
+
+def calibrate(args) -> dict:
+    dev = device_lib.detect(os.environ.get("SORA_DIST_DEVICE", "auto"))
+    memory_bw = copy_bandwidth(dev)
+    results = []
+    for i, batch in enumerate(args.batches):
+        print(f"calibrate: bench-train {args.preset} latent {args.latent} batch {batch} ({i + 1}/{len(args.batches)})", flush=True)
+        bench_args, overrides = bench_train.parse_args(["--preset", args.preset, "--latent", *map(str, args.latent), "--batch", str(batch),
+                                                        "--steps", str(args.steps), "--warmup", "2", *args.overrides])
+        results.append(bench_train.benchmark(bench_args, overrides))
+    rate, overhead = fit_compute(results, memory_bw)
+    return {"kind": "calibration", "date": time.strftime("%Y-%m-%d %H:%M"), "device": dev.name, "threads": torch.get_num_threads(),
+            "flops_rate": rate, "step_overhead_s": overhead, "memory_bw": memory_bw, "fresh_write_bw": fresh_write_bandwidth(dev),
+            "shared_cores": (os.cpu_count() or 1) if dev.kind == "cpu" else 0, "runs": results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sora-dist calibrate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="S")
+    parser.add_argument("--latent", type=int, nargs=3, default=[4, 16, 16], metavar=("T", "H", "W"))
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4], help="samples per step of the timed runs")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--out", required=True, help="calibration JSON for sora-dist plan --calibration")
+    args, args.overrides = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    result = calibrate(args)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"achieved {result['flops_rate'] / 1e12:.3f} TFLOP/s, fixed overhead {result['step_overhead_s'] * 1e3:.1f} ms/step, "
+          f"copy {result['memory_bw'] / 1e9:.1f} GB/s -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Run by test_model.py under torchrun: build a layout on the real build path, take one training
+step, and report this rank's parameter, gradient and AdamW-moment bytes and its saved activations
+(saved-tensor accounting of one forward), for comparison with the performance model."""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from sora_dist import device as device_lib
+from sora_dist.build import build_stack, start_distributed
+from sora_dist.config import load_config, resolve_model_config
+from sora_dist.parallel.mesh import local_bytes
+
+# Uneven on purpose: head_dim 12 and null_text's single row do not divide over 4 FSDP ranks.
+MODEL = ["--model.hidden_size=48", "--model.depth=2", "--model.num_heads=4"]
+LATENT, TEXT_LEN, IN_CHANNELS, TEXT_DIM = (4, 16, 16), 8, 4, 24
+
+
+def saved_activation_bytes(model, *inputs) -> int:
+    """Bytes of the distinct storages autograd saves in one forward, parameters (sharded, or
+    gathered by FSDP for the forward) excluded. An in-flight collective's output cannot show its
+    storage yet: it counts by its size."""
+    seen = {}
+
+    def pack(tensor):
+        if isinstance(tensor, torch.nn.Parameter) or isinstance(tensor._base, torch.nn.Parameter):
+            return tensor  # a weight or a view of one (linear saves weight.t())
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        try:
+            key, size = local.untyped_storage().data_ptr(), local.untyped_storage().nbytes()
+        except (AssertionError, RuntimeError):
+            key, size = id(local), local.numel() * local.element_size()
+        seen[key] = max(seen.get(key, 0), size)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(*inputs)
+    return sum(seen.values()), out
+
+
+def main():
+    out_prefix, batch = sys.argv[1], int(sys.argv[2])
+    cfg = load_config(None, [*MODEL, "--optim.ema_decay=0", *sys.argv[3:]])
+    dev = device_lib.detect("cpu")
+    world_size, rank = start_distributed(dev)
+    stack = build_stack(cfg, dev, resolve_model_config(cfg.model, IN_CHANNELS, TEXT_DIM), world_size)
+    batch //= stack.dims.dp  # the global batch, split over the data-parallel ranks
+    g = torch.Generator().manual_seed(stack.dp_rank)
+    x = torch.randn(batch, IN_CHANNELS, *LATENT, generator=g)
+    inputs = (x, torch.rand(batch, generator=g) * 1000, torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=g), torch.ones(batch, TEXT_LEN, dtype=torch.bool))
+    activations, out = saved_activation_bytes(stack.engine.model, *inputs)
+    stack.engine.backward(out.float().pow(2).mean() * stack.dims.sp)
+    grads = local_bytes(p.grad for p in stack.model.parameters() if p.grad is not None)
+    stack.engine.step(lambda norm: None)
+    moments = [v for state in stack.optimizer.state.values() for k, v in state.items() if k in ("exp_avg", "exp_avg_sq")]
+    report = {"rank": rank, "parameters": local_bytes(stack.model.parameters()), "gradients": grads,
+              "optimizer": local_bytes(moments), "activations": activations}
+    with open(f"{out_prefix}.{rank}.json", "w") as f:
+        json.dump(report, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

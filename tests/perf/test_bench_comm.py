@@ -1,0 +1,57 @@
+"""bench-comm: nccl-tests' bandwidth definitions, and every mesh dimension of a layout measured
+under torchrun on 2 and 4 gloo ranks."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sora_dist.perf.bench_comm import OPS, bus_factor, message_sizes, parse_bytes
+
+
+def test_bus_bandwidth_factors_are_nccl_tests_definitions():
+    # nccl-tests doc/PERFORMANCE.md: allreduce 2(n-1)/n; allgather, reducescatter, alltoall (n-1)/n; sendrecv 1.
+    assert bus_factor("all_reduce", 8) == pytest.approx(1.75)
+    assert bus_factor("all_reduce", 2) == pytest.approx(1.0)
+    for op in ("all_gather", "reduce_scatter", "all_to_all"):
+        assert bus_factor(op, 4) == pytest.approx(0.75)
+    assert bus_factor("send_recv", 16) == 1.0
+    with pytest.raises(ValueError, match="unknown collective"):
+        bus_factor("broadcast", 2)
+
+
+def test_sizes_climb_by_four_from_1k_and_parse_human_units():
+    assert message_sizes(1024, 64 * 1024) == [1024, 4096, 16384, 65536]
+    assert parse_bytes("256M") == 256 * 1024**2 and parse_bytes("1GiB") == 1024**3 and parse_bytes("4096") == 4096
+
+
+def run_bench(tmp_path, nproc: int, layout: list[str]) -> dict:
+    out = tmp_path / f"comm{nproc}.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "sora_dist.perf.bench_comm", "--max-bytes", "16K", "--iters", "2", "--warmup", "1", "--json", str(out), *layout]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "busbw" in result.stdout  # the table
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("nproc, layout, dims", [
+    (2, [], {"dp_shard": 2}),
+    (4, ["--parallel.tp=2", "--parallel.sp_ring=2"], {"sp_ring": 2, "tp": 2}),
+    (4, ["--parallel.dp_replicate=2", "--parallel.sp_ulysses=2"], {"dp_replicate": 2, "sp_ulysses": 2}),
+])
+def test_every_mesh_dimension_of_a_layout_is_measured(tmp_path, nproc, layout, dims):
+    r = run_bench(tmp_path, nproc, layout)
+    assert r["backend"] == "gloo" and r["world_size"] == nproc and r["date"] and r["device"] == "cpu"
+    rows = r["rows"]
+    assert {row["dim"]: row["group_size"] for row in rows} == dims
+    for dim in dims:
+        expected_ops = set(OPS) if dim == "sp_ring" else set(OPS) - {"send_recv"}
+        assert {row["op"] for row in rows if row["dim"] == dim} == expected_ops
+    assert sorted({row["bytes"] for row in rows}) == [1024, 4096, 16384]
+    for row in rows:
+        algbw = row["bytes"] / (row["time_us"] * 1e-6)
+        assert row["algbw_gbps"] == pytest.approx(algbw / 1e9)
+        assert row["busbw_gbps"] == pytest.approx(algbw * bus_factor(row["op"], row["group_size"]) / 1e9)

@@ -1,0 +1,62 @@
+"""Calibration, scaling sweeps and reports on the real commands: calibrate on 1 process, sweep two
+layouts under torchrun, report predicted against measured; the link fit and days-to-train."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sora_dist.perf.bench_comm import bus_factor
+from sora_dist.perf.calibration import fit_latency_bandwidth, load_calibration
+from sora_dist.perf.plan import main as plan_main
+
+TINY = ["--preset", "debug", "--latent", "2", "8", "8"]
+
+
+def sora_dist(*args: str, timeout: int = 600) -> str:
+    result = subprocess.run([sys.executable, "-m", "sora_dist.cli", *args], capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_link_fit_recovers_latency_and_bandwidth():
+    latency, busbw, n = 20e-6, 40e9, 4
+    rows = [{"bytes": b, "time_us": (latency + b * bus_factor("all_gather", n) / busbw) * 1e6, "busbw_gbps": 0.0}
+            for b in (1024, 65536, 4 * 1024**2, 64 * 1024**2)]
+    fitted_latency, fitted_bw = fit_latency_bandwidth(rows, bus_factor("all_gather", n))
+    assert fitted_latency == pytest.approx(latency, rel=0.01)  # the 1 KiB message is almost all latency
+    assert fitted_bw == pytest.approx(busbw, rel=0.01)
+
+
+def test_calibrate_sweep_and_report_predict_measured_layouts(tmp_path):
+    calib = tmp_path / "calib.json"
+    out = sora_dist("calibrate", *TINY, "--batches", "1", "2", "--steps", "2", "--out", str(calib))
+    assert "TFLOP/s" in out
+    data = json.loads(calib.read_text())
+    assert data["kind"] == "calibration" and data["flops_rate"] > 0 and data["memory_bw"] > 0 and data["fresh_write_bw"] > 0
+    assert len(data["runs"]) == 2 and load_calibration([str(calib)]).flops_rate == data["flops_rate"]
+
+    sweep = tmp_path / "sweep"
+    out = sora_dist("bench-scaling", *TINY, "--global-batch", "2", "--steps", "2", "--warmup", "1", "--threads", "1",
+                    "--layouts", "1", "2:--parallel.engine=ddp", "--calibration", str(calib), "--out", str(sweep))
+    assert "ETA" in out and "median |error|" in out
+    report = json.loads((sweep / "report.json").read_text())
+    assert [r["world_size"] for r in report["rows"]] == [1, 2]
+    for row in report["rows"]:
+        assert row["predicted_s"] > 0 and row["error"] == pytest.approx(row["predicted_s"] / row["measured_s"] - 1)
+    assert report["rows"][1]["comm_s"]["ddp"] > 0  # the DDP all-reduce is in the prediction
+    assert (sweep / "report.png").stat().st_size > 5_000
+
+    again = sora_dist("scaling-report", *map(str, sorted(sweep.glob("run*.json"))), "--calibration", str(calib))
+    assert "single device" in again and "dp_shard=2, ddp" in again
+
+
+def test_plan_says_how_many_days_a_compute_budget_takes(capsys):
+    args = ["--preset", "1B", "--latent", "16", "64", "64", "--devices", "64", "--accelerator", "h100", "--top", "1", "--json", ""]
+    assert plan_main([*args, "--train-flops", "1e23"]) == 0
+    days = float(capsys.readouterr().out.split("days to train on #1: ")[1].split()[0])
+    assert plan_main([*args, "--train-flops", "2e23"]) == 0
+    assert float(capsys.readouterr().out.split("days to train on #1: ")[1].split()[0]) == pytest.approx(2 * days, rel=0.01)
