@@ -1,25 +1,33 @@
 """Static checks of what CI cannot run: the Dockerfiles (hadolint) and the launch scripts
 (shellcheck, bash -n). Both tools come with the test extra."""
 
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+def tool(name: str) -> str:
+    """A binary of the test extra: beside this Python (a venv run without activating it) or on PATH."""
+    found = shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    assert found, f"{name} is missing: pip install -e '.[test]'"
+    return found
+
+
 SCRIPTS = sorted([*REPO.glob("launch/*.sh"), REPO / "launch" / "slurm.sbatch", *REPO.glob("scripts/*.sh")])
 
 
 def test_dockerfiles_pass_hadolint():
     dockerfiles = sorted(REPO.glob("docker/Dockerfile.*"))
     assert len(dockerfiles) == 2
-    result = subprocess.run([shutil.which("hadolint"), *map(str, dockerfiles)], capture_output=True, text=True)
+    result = subprocess.run([tool("hadolint"), *map(str, dockerfiles)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_shell_scripts_pass_shellcheck_and_parse():
     assert len(SCRIPTS) >= 5
-    result = subprocess.run([shutil.which("shellcheck"), *map(str, SCRIPTS)], capture_output=True, text=True)
+    result = subprocess.run([tool("shellcheck"), *map(str, SCRIPTS)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     for script in SCRIPTS:
         subprocess.run(["bash", "-n", str(script)], check=True)
