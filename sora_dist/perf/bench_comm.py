@@ -6,7 +6,9 @@
 For each mesh dimension whose degree is above 1 (dp_replicate, dp_shard, sp_ring, sp_ulysses, tp)
 it times, on that dimension's groups (all groups of a dimension run at once, as in training):
 all_gather_into_tensor, reduce_scatter_tensor, all_reduce, all_to_all_single, and on sp_ring the
-ring's send/recv (each rank sends to the next and receives from the previous), from 1 KiB up to
+ring's send/recv (each rank sends to the next and receives from the previous), and on tp the
+all-reduce as the tensor-parallel layers issue it (all_reduce_functional: DTensor's out-of-place
+functional all-reduce, which copies its input and is waited on), from 1 KiB up to
 --max-bytes (default 256 MiB, capped so that the buffers take at most a quarter of free memory).
 
 Sizes and bandwidths follow nccl-tests (github.com/NVIDIA/nccl-tests, doc/PERFORMANCE.md):
@@ -14,7 +16,7 @@ Sizes and bandwidths follow nccl-tests (github.com/NVIDIA/nccl-tests, doc/PERFOR
          all_to_all's buffer, the bytes a rank sends in send/recv;
   time   the slowest rank's mean over --iters iterations (after --warmup);
   algbw  size / time;
-  busbw  algbw x the collective's factor for a group of n ranks: 2(n-1)/n for all_reduce,
+  busbw  algbw x the collective's factor for a group of n ranks: 2(n-1)/n for all-reduces,
          (n-1)/n for all_gather, reduce_scatter and all_to_all, 1 for send/recv. busbw is
          comparable with the link's hardware bandwidth whatever n is.
 Buffers are fp32. Each call (but all_reduce, which works in place) writes a freshly allocated
@@ -36,6 +38,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as functional
 
 from sora_dist import device as device_lib
 from sora_dist.build import start_distributed
@@ -43,7 +46,10 @@ from sora_dist.config import load_config, resolve_model_config
 from sora_dist.parallel.mesh import MESH_DIMS, build_mesh, resolve_dims
 from sora_dist.perf.output import report_on_rank_zero
 
-OPS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "send_recv")
+OPS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "send_recv", "all_reduce_functional")
+# Where each op is timed beyond the four collectives every group gets: the ring's send/recv on
+# sp_ring, and on tp the all-reduce as DTensor's tensor-parallel layers issue it.
+EXTRA_OPS = {"sp_ring": ("send_recv",), "tp": ("all_reduce_functional",)}
 ELEMENT_BYTES = 4  # fp32 buffers
 # Renamed in torch 2.13 (the old names warn there); the GPU machine's torch 2.11 has only the old ones.
 ALL_GATHER = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
@@ -52,7 +58,7 @@ REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tens
 
 def bus_factor(op: str, n: int) -> float:
     """nccl-tests' factor from algorithm to bus bandwidth for a collective over n ranks."""
-    if op == "all_reduce":
+    if op in ("all_reduce", "all_reduce_functional"):
         return 2 * (n - 1) / n
     if op in ("all_gather", "reduce_scatter", "all_to_all"):
         return (n - 1) / n
@@ -91,6 +97,8 @@ def collective(op: str, group, nbytes: int, device: torch.device) -> Callable[[]
         return lambda: REDUCE_SCATTER(torch.empty_like(part), full, group=group)
     if op == "all_reduce":
         return lambda: dist.all_reduce(full, group=group)  # in place: its output is its input
+    if op == "all_reduce_functional":  # out of place, through the functional op DTensor calls
+        return lambda: functional.wait_tensor(functional.all_reduce(full, "sum", group))
     if op == "all_to_all":
         return lambda: dist.all_to_all_single(torch.empty_like(full), full, group=group)
     if op == "send_recv":
@@ -133,8 +141,8 @@ def measured_dims(dims) -> list[str]:
 
 
 def ops_for(dim: str) -> tuple[str, ...]:
-    """The ring's send/recv only where the ring runs; every collective everywhere."""
-    return OPS if dim == "sp_ring" else OPS[:-1]
+    """The four collectives on every group, and each dimension's own (``EXTRA_OPS``)."""
+    return (*OPS[:4], *EXTRA_OPS.get(dim, ()))
 
 
 def size_limit(requested: int, dev: device_lib.Device, world_size: int) -> int:

@@ -88,17 +88,18 @@ def fit_compute(results: list[dict], memory_bw: float) -> tuple[float, float]:
     return sum(x for x, _ in points) / sum(y for _, y in points), 0.0
 
 
-def fit_links(comm: dict) -> dict[tuple[str, int, bool, int], tuple[float, float]]:
-    """(op, group size, spans nodes, world size) -> (latency, bus bandwidth) from a bench-comm JSON."""
+def fit_links(comm: dict) -> list[tuple[tuple[str, int, bool, int], tuple[float, float]]]:
+    """((op, group size, spans nodes, world size), (latency, bus bandwidth)) for each measured
+    group of a bench-comm JSON."""
     per_node = comm.get("local_world_size", comm["world_size"])
     degrees = comm["degrees"]
-    links = {}
-    for key in {(r["dim"], r["op"], r["group_size"]) for r in comm["rows"]}:
+    links = []
+    for key in sorted({(r["dim"], r["op"], r["group_size"]) for r in comm["rows"]}):
         rows = sorted((r for r in comm["rows"] if (r["dim"], r["op"], r["group_size"]) == key), key=lambda r: r["bytes"])
         dim, op, n = key
         inner = MESH_DIMS[MESH_DIMS.index(dim) + 1:]
         across = n * _prod(degrees[d] for d in inner) > per_node
-        links[(op, n, across, comm["world_size"])] = fit_latency_bandwidth(rows, bus_factor(op, n))
+        links.append(((op, n, across, comm["world_size"]), fit_latency_bandwidth(rows, bus_factor(op, n))))
     return links
 
 
@@ -122,16 +123,20 @@ def _prod(values) -> int:
 def load_calibration(paths: list[str]) -> Calibration:
     """One Calibration from any mix of ``calibrate`` and bench-comm JSON files."""
     cal = Calibration()
+    measured: dict[tuple, list[tuple[float, float]]] = {}
     for path in paths:
         data = json.loads(Path(path).read_text())
         if "rows" in data:
-            cal.comm.update(fit_links(data))
+            for key, fit in fit_links(data):
+                measured.setdefault(key, []).append(fit)
         elif data.get("kind") == "calibration":
             cal.flops_rate, cal.step_overhead_s = data["flops_rate"], data["step_overhead_s"]
             cal.memory_bw, cal.shared_cores = data["memory_bw"], data.get("shared_cores", 0)
             cal.fresh_write_bw = data["fresh_write_bw"]
         else:
             raise ConfigError(f"{path} is neither a `sora-dist calibrate` nor a bench-comm JSON file")
+    # Groups of one size measured on several dimensions or runs: mean latency, mean time per byte.
+    cal.comm = {key: (sum(f[0] for f in fits) / len(fits), len(fits) / sum(1 / f[1] for f in fits)) for key, fits in measured.items()}
     return cal
 
 

@@ -26,8 +26,8 @@ Communication, each collective timed as latency + size x nccl-tests bus factor /
   - TP: all-reduce of the (tokens x hidden) activations after the three row-parallel layers in
     forward, and of the inputs' gradients of the five column-parallel layers fed by the tokens in
     backward; of (text x hidden) for the two fed by the text; of the four QK-norm weights'
-    gradients; each result written to new memory (DTensor's functional collectives); never
-    overlapped.
+    gradients; as DTensor issues them (functional, out of place: bench-comm's
+    all_reduce_functional); never overlapped.
   Recomputed blocks repeat their forward communication.
 Memory.  Parameters, gradients (fp32), AdamW moments (2 x fp32) and the EMA (fp32) are exact: the
   parameter shapes of the real module (built on the meta device), split by the real TP plan and
@@ -368,12 +368,13 @@ def communication(work: Workload, layout: Layout, links: Links, compute_s: float
         # Per block, all-reduces of (tokens x hidden): the 3 row-parallel outputs in forward (again
         # when recomputed), the input gradients of the 5 column-parallel layers fed by the tokens
         # in backward; of (text x hidden): the 2 fed by the text; and the 4 QK-norm weights'
-        # gradients. DTensor's functional all-reduce writes each result to a new tensor.
+        # gradients. Timed as DTensor issues them (bench-comm's all_reduce_functional on tp).
         size = local_tokens * m.hidden_size * work.act_bytes
         text = b * (work.text_len + 1) * m.hidden_size * work.act_bytes
         big = m.depth * (3 * (1 + recompute) + 5)
-        comm["tp"] = (links.time("all_reduce", "tp", size, dims.tp, big, big) + links.time("all_reduce", "tp", text, dims.tp, 2 * m.depth, 2 * m.depth)
-                      + links.time("all_reduce", "tp", 4 * m.head_dim, dims.tp, 4 * m.depth, 4 * m.depth) + links.copy(big * size + 2 * m.depth * text))
+        op = "all_reduce_functional"
+        comm["tp"] = (links.time(op, "tp", size, dims.tp, big, big) + links.time(op, "tp", text, dims.tp, 2 * m.depth, 2 * m.depth)
+                      + links.time(op, "tp", 4 * m.head_dim, dims.tp, 4 * m.depth, 4 * m.depth))
     return comm
 
 

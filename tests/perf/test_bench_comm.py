@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
-from sora_dist.perf.bench_comm import OPS, bus_factor, message_sizes, parse_bytes
+from sora_dist.perf.bench_comm import bus_factor, message_sizes, parse_bytes
 
 
 def test_bus_bandwidth_factors_are_nccl_tests_definitions():
     # nccl-tests doc/PERFORMANCE.md: allreduce 2(n-1)/n; allgather, reducescatter, alltoall (n-1)/n; sendrecv 1.
     assert bus_factor("all_reduce", 8) == pytest.approx(1.75)
-    assert bus_factor("all_reduce", 2) == pytest.approx(1.0)
+    assert bus_factor("all_reduce", 2) == pytest.approx(1.0) == bus_factor("all_reduce_functional", 2)
     for op in ("all_gather", "reduce_scatter", "all_to_all"):
         assert bus_factor(op, 4) == pytest.approx(0.75)
     assert bus_factor("send_recv", 16) == 1.0
@@ -48,7 +48,7 @@ def test_every_mesh_dimension_of_a_layout_is_measured(tmp_path, nproc, layout, d
     rows = r["rows"]
     assert {row["dim"]: row["group_size"] for row in rows} == dims
     for dim in dims:
-        expected_ops = set(OPS) if dim == "sp_ring" else set(OPS) - {"send_recv"}
+        expected_ops = {"all_gather", "reduce_scatter", "all_reduce", "all_to_all"} | {"sp_ring": {"send_recv"}, "tp": {"all_reduce_functional"}}.get(dim, set())
         assert {row["op"] for row in rows if row["dim"] == dim} == expected_ops
     assert sorted({row["bytes"] for row in rows}) == [1024, 4096, 16384]
     for row in rows:
