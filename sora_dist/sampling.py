@@ -16,6 +16,7 @@ from sora_dist.data.synthetic import embed_caption
 from sora_dist.diffusion import guided, sample
 from sora_dist.errors import ConfigError, DataError
 from sora_dist.metrics import ProgressLine
+from sora_dist.models import VideoDiT
 from sora_dist.visualize import save_frame_grid, save_loss_plot
 
 log = logging.getLogger("sora_dist")
@@ -59,7 +60,7 @@ def generate(cfg: Config, model, objective, text: np.ndarray, num_samples: int, 
     return latents.float().cpu().numpy()
 
 
-def load_for_sampling(path: Path, raw: bool, dev) -> tuple[Config, "VideoDiT", str]:
+def load_for_sampling(path: Path, raw: bool, dev) -> tuple[Config, VideoDiT, str]:
     """The config and a single-device model from a finished run folder (its final safetensors
     weights), or from a checkpoint folder (``.../checkpoints/step-N``), or from a run folder
     without final weights (its newest complete checkpoint). Returns (config, model, source)."""
