@@ -14,7 +14,8 @@ functional all-reduce, which copies its input and is waited on), from 1 KiB up t
 Sizes and bandwidths follow nccl-tests (github.com/NVIDIA/nccl-tests, doc/PERFORMANCE.md):
   size   the whole buffer: all_gather's output, reduce_scatter's input, all_reduce's and
          all_to_all's buffer, the bytes a rank sends in send/recv;
-  time   the slowest rank's mean over --iters iterations (after --warmup);
+  time   the slowest rank's mean over --iters iterations (after --warmup); back to back as
+         nccl-tests runs them, or each after --after-compute-ms of matmuls, as in training;
   algbw  size / time;
   busbw  algbw x the collective's factor for a group of n ranks: 2(n-1)/n for all-reduces,
          (n-1)/n for all_gather, reduce_scatter and all_to_all, 1 for send/recv. busbw is
@@ -115,17 +116,44 @@ def collective(op: str, group, nbytes: int, device: torch.device) -> Callable[[]
     raise ValueError(f"unknown collective {op!r}: choose from {OPS}")
 
 
-def time_op(run: Callable[[], None], group, dev: device_lib.Device, warmup: int, iters: int) -> float:
-    """Mean seconds per call on this rank, after ``warmup`` calls; the group starts together."""
+def time_op(run: Callable[[], None], group, dev: device_lib.Device, warmup: int, iters: int, compute: Callable[[], None] | None = None) -> float:
+    """Mean seconds per call on this rank, after ``warmup`` calls; the group starts together.
+    With ``compute``, each call follows a burst of it (untimed), as collectives follow compute
+    in training, instead of running back to back."""
     for _ in range(warmup):
         run()
     dev.synchronize()
     dist.barrier(group=group)
-    start = time.perf_counter()
+    if compute is None:
+        start = time.perf_counter()
+        for _ in range(iters):
+            run()
+        dev.synchronize()
+        return (time.perf_counter() - start) / iters
+    total = 0.0
     for _ in range(iters):
+        compute()
+        dev.synchronize()
+        start = time.perf_counter()
         run()
+        dev.synchronize()
+        total += time.perf_counter() - start
+    return total / iters
+
+
+def compute_burst(seconds: float, dev: device_lib.Device) -> Callable[[], None] | None:
+    """A closure of matmuls that takes about ``seconds`` on this device, or None for 0."""
+    if seconds <= 0:
+        return None
+    a = torch.randn(512, 512, device=dev.torch_device)
     dev.synchronize()
-    return (time.perf_counter() - start) / iters
+    start, calls = time.perf_counter(), 0
+    while time.perf_counter() - start < 0.05:
+        a @ a
+        calls += 1
+        dev.synchronize()
+    repeats = max(1, round(seconds / ((time.perf_counter() - start) / calls)))
+    return lambda: [a @ a for _ in range(repeats)]
 
 
 def slowest(seconds: float, device: torch.device) -> float:
@@ -161,12 +189,13 @@ def benchmark(args, overrides: list[str], progress=print) -> dict:
     dims = resolve_dims(cfg.parallel, world_size, resolve_model_config(cfg.model, 4, 64))
     mesh = build_mesh(dims, dev.kind)
     max_bytes = size_limit(args.max_bytes, dev, world_size)
+    compute = compute_burst(args.after_compute_ms / 1e3, dev)
     rows = []
     for dim in measured_dims(dims):
         group, n = mesh[dim].get_group(), getattr(dims, dim)
         for op in ops_for(dim):
             for nbytes in message_sizes(args.min_bytes, max_bytes):
-                seconds = slowest(time_op(collective(op, group, nbytes, dev.torch_device), group, dev, args.warmup, args.iters), dev.torch_device)
+                seconds = slowest(time_op(collective(op, group, nbytes, dev.torch_device), group, dev, args.warmup, args.iters, compute), dev.torch_device)
                 algbw = nbytes / seconds
                 rows.append({"dim": dim, "group_size": n, "op": op, "bytes": nbytes, "time_us": seconds * 1e6,
                              "algbw_gbps": algbw / 1e9, "busbw_gbps": algbw * bus_factor(op, n) / 1e9})
@@ -174,7 +203,8 @@ def benchmark(args, overrides: list[str], progress=print) -> dict:
                 progress(f"bench-comm: {dim} (n={n}) {op} done, peak busbw {max(r['busbw_gbps'] for r in rows if r['dim'] == dim and r['op'] == op):.2f} GB/s")
     return {"date": time.strftime("%Y-%m-%d %H:%M"), "device": dev.name, "backend": dist.get_backend(), "world_size": world_size,
             "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
-            "layout": dims.describe(), "degrees": dict(zip(MESH_DIMS, dims.degrees)), "dtype": "float32", "rows": rows}
+            "layout": dims.describe(), "degrees": dict(zip(MESH_DIMS, dims.degrees)), "dtype": "float32",
+            "after_compute_ms": args.after_compute_ms, "rows": rows}
 
 
 def format_table(result: dict) -> str:
@@ -205,6 +235,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--max-bytes", type=parse_bytes, default=256 * 1024**2, help="largest message (default 256M)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--after-compute-ms", type=float, default=0.0,
+                        help="run this many ms of matmuls (untimed) before each timed call, as training does between collectives")
     parser.add_argument("--json", default="", help="also write every row to this JSON file")
     return parser.parse_known_args(argv)
 

@@ -38,13 +38,14 @@ def run_bench(tmp_path, nproc: int, layout: list[str]) -> dict:
 
 
 @pytest.mark.parametrize("nproc, layout, dims", [
-    (2, [], {"dp_shard": 2}),
+    (2, ["--after-compute-ms", "5"], {"dp_shard": 2}),
     (4, ["--parallel.tp=2", "--parallel.sp_ring=2"], {"sp_ring": 2, "tp": 2}),
     (4, ["--parallel.dp_replicate=2", "--parallel.sp_ulysses=2"], {"dp_replicate": 2, "sp_ulysses": 2}),
 ])
 def test_every_mesh_dimension_of_a_layout_is_measured(tmp_path, nproc, layout, dims):
     r = run_bench(tmp_path, nproc, layout)
     assert r["backend"] == "gloo" and r["world_size"] == nproc and r["date"] and r["device"] == "cpu"
+    assert r["after_compute_ms"] == (5.0 if "--after-compute-ms" in layout else 0.0)
     rows = r["rows"]
     assert {row["dim"]: row["group_size"] for row in rows} == dims
     for dim in dims:
