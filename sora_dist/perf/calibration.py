@@ -30,7 +30,8 @@ from sora_dist.models import DiTConfig
 from sora_dist.parallel.mesh import MESH_DIMS, ParallelDims
 from sora_dist.perf import bench_train
 from sora_dist.perf.bench_comm import bus_factor
-from sora_dist.perf.model import OPTIMIZER_BYTES_PER_PARAM, Calibration, Layout, Workload, compute_flops, parameter_count_per_rank
+from sora_dist.perf.model import (OPTIMIZER_BYTES_PER_PARAM, Calibration, Layout, Workload, compute_flops, group_spans_nodes,
+                                  parameter_count_per_rank)
 
 
 def copy_bandwidth(dev: device_lib.Device, nbytes: int = 256 * 1024**2, repeats: int = 5) -> float:
@@ -97,8 +98,7 @@ def fit_links(comm: dict) -> list[tuple[tuple[str, int, bool, int], tuple[float,
     for key in sorted({(r["dim"], r["op"], r["group_size"]) for r in comm["rows"]}):
         rows = sorted((r for r in comm["rows"] if (r["dim"], r["op"], r["group_size"]) == key), key=lambda r: r["bytes"])
         dim, op, n = key
-        inner = MESH_DIMS[MESH_DIMS.index(dim) + 1:]
-        across = n * _prod(degrees[d] for d in inner) > per_node
+        across = group_spans_nodes(degrees, (dim,), per_node)
         links.append(((op, n, across, comm["world_size"]), fit_latency_bandwidth(rows, bus_factor(op, n))))
     return links
 
@@ -111,13 +111,6 @@ def fit_latency_bandwidth(rows: list[dict], factor: float) -> tuple[float, float
     points = [(r["bytes"] * factor, r["time_us"] * 1e-6 - latency) for r in rows[1:]] or [(rows[0]["bytes"] * factor, latency)]
     slope = sum(x * y for x, y in points) / sum(x * x for x, _ in points)
     return latency, 1 / slope if slope > 0 else rows[-1]["busbw_gbps"] * 1e9
-
-
-def _prod(values) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
 
 
 def load_calibration(paths: list[str]) -> Calibration:

@@ -50,6 +50,7 @@ from typing import Optional
 import torch
 
 from sora_dist.config import ParallelConfig
+from sora_dist.errors import ConfigError
 from sora_dist.models import DiTConfig, VideoDiT, forward_flops, train_flops
 from sora_dist.parallel.mesh import MESH_DIMS, ParallelDims, resolve_dims
 from sora_dist.parallel.tensor import TP_PLAN
@@ -181,7 +182,7 @@ def _valid_dims(model, devices, replicate, shard, ring, ulysses, tp, engine) -> 
     cfg = ParallelConfig(dp_replicate=replicate, dp_shard=shard, sp_ring=ring, sp_ulysses=ulysses, tp=tp, engine=engine)
     try:
         return resolve_dims(cfg, devices, model)
-    except Exception:  # noqa: BLE001 - the trainer's own rules reject it (ConfigError)
+    except ConfigError:  # the trainer's own rules reject it
         return None
 
 
@@ -294,6 +295,13 @@ def memory_per_device(work: Workload, layout: Layout) -> dict[str, float]:
 # Time
 
 
+def group_spans_nodes(degrees: dict[str, int], names: tuple[str, ...], devices_per_node: int) -> bool:
+    """Whether the groups of the mesh dimensions ``names`` (adjacent, outermost first) spread over
+    nodes: their extent in the mesh (size x stride, the dimensions inside them) exceeds a node."""
+    inner = MESH_DIMS[MESH_DIMS.index(names[-1]) + 1:]
+    return math.prod(degrees[n] for n in names) * math.prod(degrees[n] for n in inner) > devices_per_node
+
+
 class Links:
     """Collective times on the mesh groups of one layout: calibrated where measured, else the
     accelerator's link figures."""
@@ -307,12 +315,8 @@ class Links:
         return nbytes * self.sharing / (self.cal.fresh_write_bw or self.acc.memory_bw)
 
     def spans_nodes(self, group: str) -> bool:
-        """A group's ranks are spread over nodes when its extent in the mesh (size x stride, with
-        the dimensions inside it) exceeds a node."""
         names = {"fsdp": ("dp_shard", "sp_ring", "sp_ulysses"), "ddp": ("dp_replicate", "dp_shard", "sp_ring", "sp_ulysses")}.get(group, (group,))
-        inner = MESH_DIMS[MESH_DIMS.index(names[-1]) + 1:]
-        extent = math.prod(getattr(self.dims, n) for n in names) * math.prod(getattr(self.dims, n) for n in inner)
-        return extent > self.per_node
+        return group_spans_nodes(dict(zip(MESH_DIMS, self.dims.degrees)), names, self.per_node)
 
     def time(self, op: str, group: str, size: float, n: int, count: float = 1.0, calls: float = 1.0) -> float:
         """``count`` times an ``op`` of ``size`` bytes over ``n`` ranks, issued as ``calls`` collectives."""

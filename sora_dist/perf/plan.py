@@ -23,12 +23,13 @@ from typing import Optional
 from sora_dist.config import ModelConfig, ParallelConfig, resolve_model_config
 from sora_dist.errors import ConfigError, SoraDistError
 from sora_dist.models import count_parameters
-from sora_dist.parallel.mesh import resolve_dims
+from sora_dist.parallel.mesh import MESH_DIMS, resolve_dims
 from sora_dist.perf.calibration import load_calibration
 from sora_dist.perf.hardware import GB, Accelerator, accelerator
 from sora_dist.perf.model import Layout, Prediction, Workload, candidate_layouts, predict
 
 GIB = 1024**3
+BF16_BYTES = 2  # parameters gathered and activations kept in bf16 on GPU/NPU
 
 
 def latent_shape(args) -> tuple[int, int, int]:
@@ -60,7 +61,7 @@ def plan(work: Workload, acc: Accelerator, devices: int, per_node: int, calibrat
 
 def _parallel_dims(layout: Layout) -> int:
     """How many mesh dimensions a layout uses: between equally fast layouts, the simpler first."""
-    return sum(getattr(layout.dims, n) > 1 for n in ("dp_replicate", "dp_shard", "sp_ring", "sp_ulysses", "tp")) + (layout.ac != "none")
+    return sum(getattr(layout.dims, n) > 1 for n in MESH_DIMS) + (layout.ac != "none")
 
 
 def check_request(work: Workload, devices: int, per_node: int, fixed: dict) -> None:
@@ -147,14 +148,13 @@ def _row(i: int, p: Prediction) -> str:
 def scaling_tables(args, acc: Accelerator, calibration, sizes: list[int]) -> dict:
     """Best layout at each size. Weak: samples per device fixed (global batch grows with the
     devices); strong: the global batch of the largest size, fixed."""
-    element = 2
     rows = {"weak": [], "strong": []}
     strong_batch = args.global_batch or max(sizes)
     for kind in rows:
         for n in sizes:
             batch = n * (args.global_batch or max(sizes)) // max(sizes) if kind == "weak" else strong_batch
             args_n = argparse.Namespace(**{**vars(args), "global_batch": max(1, batch), "devices": n})
-            work = build_workload(args_n, element)
+            work = build_workload(args_n, BF16_BYTES)
             per_node = min(args.devices_per_node, n)
             try:
                 best = best_fitting(plan(work, acc, n, per_node, calibration), acc)
@@ -277,11 +277,11 @@ def run(args) -> dict:
         tables = scaling_tables(args, acc, calibration, sorted(args.scaling))
         print(format_scaling(tables, acc))
         plot = Path(args.plot or "plan_scaling.png")
-        params = count_parameters(build_workload(args, 2).model)
+        params = count_parameters(build_workload(args, BF16_BYTES).model)
         plot_scaling(tables, f"{params / 1e9:.1f}B-parameter DiT, latent {latent_shape(args)}, {acc.name} (predicted)", plot)
         print(f"plot: {plot}")
         return {"scaling": tables}
-    work = build_workload(args, 2)
+    work = build_workload(args, BF16_BYTES)
     fixed = {k[4:]: v for k, v in vars(args).items() if k.startswith("fix_") and v}
     predictions = plan(work, acc, args.devices, min(args.devices_per_node, args.devices), calibration, fixed)
     best_fitting(predictions, acc)

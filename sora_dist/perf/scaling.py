@@ -28,6 +28,7 @@ from typing import Optional
 from sora_dist.config import load_config, resolve_model_config
 from sora_dist.device import peak_bf16_flops
 from sora_dist.parallel.mesh import resolve_dims
+from sora_dist.perf import bench_train
 from sora_dist.perf.calibration import load_calibration, workload_and_layout
 from sora_dist.perf.hardware import Accelerator
 from sora_dist.perf.model import Calibration, predict
@@ -42,7 +43,7 @@ def parse_layout(spec: str) -> tuple[int, list[str]]:
 def per_rank_batch(global_batch: int, world: int, overrides: list[str], preset: str) -> int:
     """Samples per data-parallel rank for a global batch, with the trainer's own layout rules."""
     cfg = load_config(None, [f"--model.preset={preset}", *overrides])
-    dims = resolve_dims(cfg.parallel, world, resolve_model_config(cfg.model, 16, 4096))
+    dims = resolve_dims(cfg.parallel, world, resolve_model_config(cfg.model, bench_train.IN_CHANNELS, bench_train.TEXT_DIM))
     if global_batch % dims.dp:
         raise SystemExit(f"--global-batch {global_batch} does not divide over {dims.dp} data-parallel ranks ({dims.describe()})")
     return global_batch // dims.dp
@@ -89,7 +90,8 @@ def measured_part(result: dict, calibration: Calibration) -> Accelerator:
     """The device a result ran on, as the model sees it: its peak where known (MFU), links and
     rate from the calibration. Collectives on a host without streams (cpu) are not overlapped."""
     peak = peak_bf16_flops(result["device"]) or calibration.flops_rate or 1.0
-    return Accelerator(result["device"], peak, 1e15, calibration.memory_bw or 1e10, 1e10, 1e10,
+    # Memory capacity does not enter a step time; links not in the calibration fall back to 10 GB/s.
+    return Accelerator(result["device"], peak, memory_bytes=1e15, memory_bw=calibration.memory_bw or 1e10, intra_bw=1e10, inter_bw=1e10,
                        overlap=not result["device"].startswith("cpu"), platform="measured")
 
 
