@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+FLIGHT_RECORDER_VARIABLES = ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE")
 
 
 def check_launcher(environ=os.environ) -> None:
@@ -48,12 +49,17 @@ def check_launcher(environ=os.environ) -> None:
         )
 
 
-def start_distributed(dev: device_lib.Device, timeout_minutes: float = 10.0) -> tuple[int, int]:
+def start_distributed(dev: device_lib.Device, timeout_minutes: float = 10.0, flight_recorder_entries: int = 0) -> tuple[int, int]:
     """Join the process group torchrun describes (if more than one process); returns (world size,
     rank). The backend covers the accelerator and the CPU (``Device.comm_backend``), so the small
-    CPU collectives of checkpoints and the data position work on GPU/NPU clusters too."""
+    CPU collectives of checkpoints and the data position work on GPU/NPU clusters too. With
+    ``flight_recorder_entries``, the group records its recent collectives for the step watchdog's
+    dump (unless TORCH_FR_BUFFER_SIZE is already set)."""
     check_launcher()
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if flight_recorder_entries and not any(name in os.environ for name in FLIGHT_RECORDER_VARIABLES):
+        for name in FLIGHT_RECORDER_VARIABLES:  # read when the group is made; older torch reads only the second
+            os.environ[name] = str(flight_recorder_entries)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(dev.comm_backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return world_size, rank

@@ -23,7 +23,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -127,20 +127,35 @@ def newest_complete(folder: Path) -> Optional[Path]:
     return None
 
 
+def saves_enabled(cfg: CheckpointConfig) -> bool:
+    """Whether the run saves checkpoints at all (by steps or by time)."""
+    return cfg.every_steps > 0 or cfg.every_minutes > 0
+
+
+def checkpoint_dir(cfg: CheckpointConfig, out_dir: Path) -> Path:
+    """Where a run's step-N folders go: checkpoint.dir, else out_dir/checkpoints."""
+    return Path(cfg.dir) if cfg.dir else Path(out_dir) / "checkpoints"
+
+
 class CheckpointManager:
-    def __init__(self, cfg: CheckpointConfig, out_dir: Path):
-        self.cfg = cfg
-        self.dir = Path(cfg.dir) if cfg.dir else Path(out_dir) / "checkpoints"
+    """``async_save``: the resolved checkpoint.async_save (null there means: on GPU/NPU).
+    ``on_complete(step)`` is called on every rank once step-N is complete on disk."""
+
+    def __init__(self, cfg: CheckpointConfig, out_dir: Path, async_save: bool = False, on_complete: Callable[[int], None] = lambda step: None):
+        self.cfg, self.async_save, self.on_complete = cfg, async_save, on_complete
+        self.dir = checkpoint_dir(cfg, out_dir)
         self.last_save_time = time.monotonic()
         self.last_saved_step = -1
         self._pending: Optional[tuple[Any, int]] = None  # (future, step) of an async save
+        if _rank() == 0:
+            self._remove_interrupted_saves()
         # DCP's own collectives get a group of their own: an async save finishes from a background
         # thread, which must not interleave with training's collectives on a shared group.
         self._group = dist.new_group(backend="gloo") if _distributed() else None
 
     @property
     def enabled(self) -> bool:
-        return self.cfg.every_steps > 0 or self.cfg.every_minutes > 0
+        return saves_enabled(self.cfg)
 
     # -- when --------------------------------------------------------------------------------
 
@@ -175,7 +190,7 @@ class CheckpointManager:
         else:
             payload = state.dcp_state_dict()
             with _single_process_ok():
-                if self.cfg.async_save and not blocking:
+                if self.async_save and not blocking:
                     future = dcp.async_save(payload, checkpoint_id=str(tmp), process_group=self._group)
                 else:
                     dcp.save(payload, checkpoint_id=str(tmp), process_group=self._group)
@@ -225,6 +240,13 @@ class CheckpointManager:
             os.replace(pointer, self.dir / LATEST)
             self._prune()
         _barrier()
+        self.on_complete(step)
+
+    def _remove_interrupted_saves(self) -> None:
+        """step-N.tmp folders of saves a failure interrupted: never resumable, only taking space."""
+        for stale in self.dir.glob("step-*.tmp"):
+            log.warning("removing %s, left by an interrupted save", stale)
+            shutil.rmtree(stale, ignore_errors=True)
 
     def _prune(self) -> None:
         if self.cfg.keep_last <= 0:
@@ -362,4 +384,4 @@ def load_weights_for_export(path: Path, model: torch.nn.Module, ema: bool) -> st
     return use
 
 
-__all__ = ["CheckpointManager", "TrainState", "finished_checkpoints", "gather_to_rank0", "is_complete", "load_weights_for_export", "newest_complete"]
+__all__ = ["CheckpointManager", "TrainState", "checkpoint_dir", "saves_enabled", "finished_checkpoints", "gather_to_rank0", "is_complete", "load_weights_for_export", "newest_complete"]

@@ -185,8 +185,9 @@ class CheckpointConfig:
     """Save every M minutes of training (0: not by time)."""
     keep_last: int = 3
     """Keep the newest K checkpoints (0 keeps all)."""
-    async_save: bool = False
-    """Write checkpoints in the background while training goes on (FSDP/DDP engines)."""
+    async_save: Optional[bool] = None
+    """Write checkpoints in the background while training goes on (FSDP/DDP engines); null: on GPU/NPU,
+    where the copy to host memory is fast and the write overlaps the steps, and not on cpu."""
     resume: str = "auto"
     """auto: the newest complete checkpoint in dir, if any; a path: that checkpoint; none: start fresh."""
     init_from: Optional[str] = None
@@ -201,6 +202,32 @@ class LoggingConfig:
     """Steps between progress lines and metric records."""
     tensorboard: bool = True
     """Write TensorBoard events to out_dir/tb."""
+    sample_ledger: bool = False
+    """Each data-parallel rank writes the keys of every step's samples to out_dir/ledger/ (data audits)."""
+
+
+@dataclass
+class FaultConfig:
+    step_timeout_s: float = 0.0
+    """The step watchdog ends a rank whose step runs longer than this (stacks dumped; 0: no absolute limit)."""
+    step_timeout_factor: float = 10.0
+    """...or longer than this many times the median of the recent steps (0: no relative limit)."""
+    step_timeout_min_s: float = 300.0
+    """The relative limit never goes below this many seconds (noisy short steps, a slow first save)."""
+    flight_recorder_entries: int = 2000
+    """Collectives the process group's flight recorder keeps for the watchdog's dump (0: off)."""
+    straggler_threshold: float = 1.3
+    """Warn when a rank's device probe or data wait is this many times the median rank's (0: off)."""
+    probe_ms: float = 10.0
+    """Length of the per-rank device probe timed once per log window, in ms on the fastest rank."""
+    health_check: bool = True
+    """Before training: every rank answers, and each mesh group's bandwidth is checked against its peers."""
+    health_check_mib: Optional[float] = None
+    """Message size of the health check's all-reduce and all-to-all; null: 64 on GPU/NPU, 4 on cpu."""
+    health_min_fraction: float = 0.5
+    """Stop when a group's bus bandwidth is below this fraction of the median of its dimension's groups."""
+    health_timeout_s: float = 120.0
+    """Every rank must reach the health check's barrier within this many seconds."""
 
 
 @dataclass
@@ -213,6 +240,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
@@ -471,3 +499,11 @@ def _validate_training(cfg: Config) -> None:
     _require(c.keep_last >= 0, f"checkpoint.keep_last={c.keep_last} must be >= 0 (0 keeps all)")
     _require(c.resume.strip() != "", "checkpoint.resume must be auto, none or a checkpoint path")
     _require(cfg.logging.log_every >= 1, f"logging.log_every={cfg.logging.log_every} must be at least 1")
+    f = cfg.fault
+    for key in ("step_timeout_s", "step_timeout_factor", "step_timeout_min_s", "straggler_threshold", "probe_ms"):
+        _require(getattr(f, key) >= 0, f"fault.{key}={getattr(f, key)} must be >= 0 (0 disables)")
+    _require(f.straggler_threshold == 0 or f.straggler_threshold > 1, f"fault.straggler_threshold={f.straggler_threshold} must be above 1 (or 0 to disable)")
+    _require(f.flight_recorder_entries >= 0, f"fault.flight_recorder_entries={f.flight_recorder_entries} must be >= 0")
+    _require(f.health_check_mib is None or f.health_check_mib > 0, f"fault.health_check_mib={f.health_check_mib} must be positive (or null)")
+    _require(0 < f.health_min_fraction < 1, f"fault.health_min_fraction={f.health_min_fraction} must be in (0, 1)")
+    _require(f.health_timeout_s > 0, f"fault.health_timeout_s={f.health_timeout_s} must be positive")

@@ -67,15 +67,17 @@ class MetricsLogger:
         self._jsonl.flush()
         if self._tb is not None:
             for key, value in values.items():
-                self._tb.add_scalar(f"train/{key}", value, step)
+                if isinstance(value, (int, float)):  # per-rank lists stay in metrics.jsonl
+                    self._tb.add_scalar(f"train/{key}", value, step)
         elapsed = time.perf_counter() - self.start
         eta = elapsed / max(1, step - self.start_step) * (self.total_steps - step)
         mfu = f"{values['mfu']:.1%}" if "mfu" in values else "n/a"
+        goodput = f"{values['goodput']:.1%}" if "goodput" in values else "n/a"
         log.info(
             "step %d/%d | loss %.4f | grad norm %.3f | lr %.2e | %.1f samples/s | %.0f tokens/s | MFU %s | "
-            "data wait %.1f%% | mem %.2f GiB | elapsed %s | ETA %s",
+            "data wait %.1f%% | mem %.2f GiB | goodput %s | elapsed %s | ETA %s",
             step, self.total_steps, values["loss"], values["grad_norm"], values["lr"], values["samples_per_s"],
-            values["tokens_per_s"], mfu, 100 * values["data_wait_frac"], values.get("mem_peak_gib", 0.0),
+            values["tokens_per_s"], mfu, 100 * values["data_wait_frac"], values.get("mem_peak_gib", 0.0), goodput,
             format_duration(elapsed), format_duration(eta),
         )
 

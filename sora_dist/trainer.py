@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 
 from sora_dist import device as device_lib
 from sora_dist.build import build_stack, start_distributed
-from sora_dist.checkpoint import CheckpointManager, TrainState, gather_to_rank0
+from sora_dist.checkpoint import CheckpointManager, TrainState, checkpoint_dir, gather_to_rank0, saves_enabled
 from sora_dist.config import Config, resolve_model_config, save_config
 from sora_dist.data import Batch, LatentLoader, make_synthetic, read_manifest
 from sora_dist.diffusion import build_objective
@@ -37,8 +37,15 @@ from sora_dist.kernels.fused import get_fused_backend
 from sora_dist.metrics import MetricsLogger, summarize
 from sora_dist.models import VideoDiT, count_parameters, train_flops
 from sora_dist.parallel import DeepSpeedEngine, ParallelDims, local_bytes
+from sora_dist.resilience.elastic import explain_layout_error, layout_change, restart_context
+from sora_dist.resilience.guard import FaultGuard
+from sora_dist.resilience.health import health_check
+from sora_dist.resilience.storage import check_checkpoint_space, check_run_folders
 
 log = logging.getLogger("sora_dist")
+
+FP32_BYTES = 4
+HEALTH_CHECK_MIB_CPU, HEALTH_CHECK_MIB_ACCELERATOR = 4, 64
 
 
 class EMA:
@@ -101,7 +108,7 @@ def _prepare_data(cfg: Config, rank: int, distributed: bool) -> None:
 def train(cfg: Config) -> dict[str, float]:
     """Run training as configured; returns a summary (first/last loss, steps, seconds)."""
     dev = device_lib.detect(cfg.parallel.device)
-    world_size, rank = start_distributed(dev, cfg.parallel.collective_timeout_minutes)
+    world_size, rank = start_distributed(dev, cfg.parallel.collective_timeout_minutes, cfg.fault.flight_recorder_entries)
     try:
         return _train(cfg, dev, world_size, rank)
     finally:
@@ -126,23 +133,33 @@ class Run:
     ckpt: CheckpointManager
     metrics: MetricsLogger
     autocast_dtype: Optional[torch.dtype]
+    guard: FaultGuard
     batches: Optional[Iterator[Batch]] = None
 
 
 def build_run(cfg: Config, dev, world_size: int, rank: int) -> tuple[Run, object]:
     """Everything a training run needs, on the shared build path (``sora_dist.build``), plus the
-    run's own pieces: data, EMA, noise generator, checkpoint manager and metrics."""
+    run's own pieces: data, EMA, noise generator, checkpoint manager, metrics and fault guards.
+    Folders that cannot be written, a layout the world size no longer allows, a checkpoint that
+    would not fit on disk and unhealthy ranks or links all stop the run here, before the first step."""
     distributed = world_size > 1
+    out_dir = Path(cfg.train.out_dir)
+    check_run_folders(out_dir, checkpoint_dir(cfg.checkpoint, out_dir), saves_enabled(cfg.checkpoint))
     _prepare_data(cfg, rank, distributed)
     manifest = read_manifest(cfg.data.path)
     model_cfg = resolve_model_config(cfg.model, manifest.latent_channels, manifest.text_dim)
     check_dataset_fits_model(model_cfg, manifest.latent_channels, manifest.text_dim)
-    stack = build_stack(cfg, dev, model_cfg, world_size)
+    try:
+        stack = build_stack(cfg, dev, model_cfg, world_size)
+    except ConfigError as err:
+        raise explain_layout_error(err, world_size, cfg.parallel) from None
+    if saves_enabled(cfg.checkpoint):
+        check_checkpoint_space(checkpoint_dir(cfg.checkpoint, out_dir), checkpoint_bytes(model_cfg, cfg.optim.ema_decay > 0))
+    if distributed and cfg.fault.health_check:
+        health_check(stack.mesh, stack.dims, dev, health_check_bytes(cfg.fault, dev), cfg.fault.health_min_fraction, cfg.fault.health_timeout_s)
     loader = LatentLoader(cfg.data, cfg.model.patch_size, dp_rank=stack.dp_rank, dp_size=stack.dims.dp, pin_memory=dev.kind != "cpu")
     cfg = resolved_config(cfg, model_cfg)
-    out_dir = Path(cfg.train.out_dir)
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
     if cfg.checkpoint.init_from:
         _load_initial_weights(stack.model, cfg.checkpoint.init_from)
@@ -152,9 +169,23 @@ def build_run(cfg: Config, dev, world_size: int, rank: int) -> tuple[Run, object
     deepspeed = stack.engine.engine if isinstance(stack.engine, DeepSpeedEngine) else None
     state = TrainState(stack.model, stack.optimizer, stack.scheduler, ema, loader, generator, stack.dp_rank, stack.dp_group, world_size, deepspeed=deepspeed)
     metrics = MetricsLogger(out_dir, cfg.train.steps, cfg.logging.tensorboard, enabled=rank == 0)
+    guard = FaultGuard.build(cfg, dev, stack.dp_rank, rank)
+    async_save = cfg.checkpoint.async_save if cfg.checkpoint.async_save is not None else dev.kind != "cpu"
+    ckpt = CheckpointManager(cfg.checkpoint, out_dir, async_save, on_complete=guard.checkpointed)
     run = Run(cfg, dev, stack.dims, stack.model, stack.engine, stack.optimizer, ema, build_objective(cfg.diffusion, model_cfg.patch_size),
-              loader, state, CheckpointManager(cfg.checkpoint, out_dir), metrics, stack.autocast_dtype)
+              loader, state, ckpt, metrics, stack.autocast_dtype, guard)
     return run, model_cfg
+
+
+def checkpoint_bytes(model_cfg, with_ema: bool) -> int:
+    """Bytes of one checkpoint of the whole run: fp32 weights, AdamW's two moments and the EMA."""
+    return count_parameters(model_cfg) * FP32_BYTES * (3 + int(with_ema))
+
+
+def health_check_bytes(fault, dev) -> int:
+    """The health check's message size: fault.health_check_mib, else larger on accelerators."""
+    mib = fault.health_check_mib or (HEALTH_CHECK_MIB_CPU if dev.kind == "cpu" else HEALTH_CHECK_MIB_ACCELERATOR)
+    return int(mib * 2**20)
 
 
 def _load_initial_weights(model, path: str) -> None:
@@ -182,14 +213,21 @@ def _train(cfg: Config, dev, world_size: int, rank: int) -> dict[str, float]:
     resume = run.ckpt.find_resume()
     if resume is not None:
         run.ckpt.load(resume, run.state)
+        change = layout_change(resume, dims, model_cfg)
+        if change:
+            log.info("%s%s", f"{restart_context()}: " if restart_context() else "", change)
     run.batches = iter(run.loader)  # after a resume has set the loader's position
     run.metrics.resumed_at(run.state.step)
+    run.guard.started(run.state.step)
     start = time.perf_counter()
+    finished = False
     with stop_signals() as stop:
         try:
             steps_done = run_loop(run, stop)
+            finished = True
         finally:
             run.batches.close()  # the loader thread and DataLoader workers stop here, not at exit
+            run.guard.close(finished)
     run.metrics.close()
     seconds = time.perf_counter() - start
     if run.loader.skipped:
@@ -262,6 +300,7 @@ def run_loop(run: Run, stop: "_StopFlag") -> int:
     step = state.step
     while step < cfg.train.steps:
         step += 1
+        run.guard.begin_step(step)
         # The loss stays on the device until the step's single host sync (the gradient norm).
         step_loss = torch.zeros((), device=dev.torch_device)
         batches = []
@@ -269,6 +308,7 @@ def run_loop(run: Run, stop: "_StopFlag") -> int:
             batch, loss = _micro_step(run, window, step)
             batches.append(batch)
             step_loss += loss / cfg.train.grad_accum
+        run.guard.phase("optimizer step")
         lr = run.engine.last_lr()
         grad_norm = run.engine.step(lambda norm: _raise(_diagnose(step_loss.item(), norm, step, lr, run.model, batches[-1])))
         loss_value = step_loss.item()
@@ -280,27 +320,30 @@ def run_loop(run: Run, stop: "_StopFlag") -> int:
         for batch in batches:
             run.loader.mark_consumed(batch)
         state.step, state.samples = step, state.samples + sum(len(b.keys) for b in batches)
+        run.guard.end_step(step, batches)
         window["steps"] += 1
         if step == 1:
             states = [v for s in run.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
             run.metrics.note(f"optimizer state {local_bytes(states) / 2**20:.1f} MiB per rank")
         out_of_time = time.perf_counter() > deadline
         if step % cfg.logging.log_every == 0 or step == cfg.train.steps or out_of_time:
-            _log_window(window, grad_norm, lr, step, run.dims, dev, dev.peak_flops, run.metrics)
+            _log_window(window, grad_norm, lr, step, run.dims, dev, dev.peak_flops, run.metrics, run.guard)
             window = _new_window()
-        run.ckpt.poll()
-        if stop.agreed(dev.torch_device):
-            log.info("stop signal received: saving a checkpoint at step %d and exiting", step)
-            run.ckpt.save(step, state, cfg, blocking=True)
-            return step
-        if run.ckpt.due(step):
-            run.ckpt.save(step, state, cfg)
+        with run.guard.saving():
+            run.ckpt.poll()
+            if stop.agreed(dev.torch_device):
+                log.info("stop signal received: saving a checkpoint at step %d and exiting", step)
+                run.ckpt.save(step, state, cfg, blocking=True)
+                return step
+            if run.ckpt.due(step):
+                run.ckpt.save(step, state, cfg)
         if out_of_time:
             log.info("train.max_minutes=%g reached after %d steps", cfg.train.max_minutes, step)
             break
-    run.ckpt.wait()
-    if run.ckpt.enabled and run.ckpt.last_saved_step != step:
-        run.ckpt.save(step, state, cfg, blocking=True)
+    with run.guard.saving():
+        run.ckpt.wait()
+        if run.ckpt.enabled and run.ckpt.last_saved_step != step:
+            run.ckpt.save(step, state, cfg, blocking=True)
     return step
 
 
@@ -310,9 +353,13 @@ def _new_window() -> dict[str, float]:
 
 def _micro_step(run: Run, window: dict, step: int) -> tuple[Batch, torch.Tensor]:
     """Forward and backward of one micro-batch; returns the batch and its (detached) loss."""
+    run.guard.phase("waiting for data")
     waited = time.perf_counter()
     batch = next(run.batches).to(run.dev.torch_device)
-    window["wait"] += time.perf_counter() - waited
+    waited = time.perf_counter() - waited
+    window["wait"] += waited
+    run.guard.waited(waited)
+    run.guard.phase("forward and backward")
     with run.dev.autocast(run.autocast_dtype):
         loss = run.objective.loss(run.engine.model, batch.latents, batch.text, batch.text_mask, run.state.generator).mean()
     # Data-parallel engines average over dp x sp ranks; SP ranks each hold part of one
@@ -361,7 +408,7 @@ def _raise(message: str) -> None:
     raise TrainingError(message)
 
 
-def _log_window(window, grad_norm, lr, step, dims, dev, peak, metrics) -> None:
+def _log_window(window, grad_norm, lr, step, dims, dev, peak, metrics, guard: FaultGuard) -> None:
     dev.synchronize()
     elapsed = time.perf_counter() - window["time"]
     loss_sum, samples, tokens, flops = _global_sums([window["loss"], window["samples"], window["tokens"], window["flops"]], dims, dev.torch_device)
@@ -376,4 +423,5 @@ def _log_window(window, grad_norm, lr, step, dims, dev, peak, metrics) -> None:
     }
     if peak:
         values["mfu"] = flops / elapsed / (peak * dims.world_size)
+    values.update(guard.window(int(window["steps"]), window["wait"]))
     metrics.log(step, values)

@@ -1,0 +1,11 @@
+"""Fault tolerance: what keeps a run on hundreds of accelerators going, and shows where time went.
+
+  storage     run and checkpoint folders checked for writes and free space before training
+  health      at start: every rank answers; each mesh group's bandwidth against its peers
+  watchdog    a step that hangs dumps every rank's stacks and flight record, then exits for a restart
+  stragglers  per-rank device probe and data wait each log window; the slow rank and host named
+  goodput     wall time accounted into steps, data waits, saves, start-up, lost work and recovery
+  elastic     what a restart at another world size changed, and a clear stop when it cannot
+  guard       the calls the training loop makes into all of the above
+  drill       a two-"node" elastic failure on localhost, measured (``sora-dist fault-drill``)
+"""

@@ -1,0 +1,102 @@
+"""The fault-tolerance pieces a training run carries, behind the few calls the loop makes.
+
+  guard = FaultGuard.build(cfg, dev, stack, rank)   # watchdog, straggler monitor, goodput, ledger
+  guard.begin_step(step) ... guard.waited(s) ... guard.end_step(step, batches)
+  guard.window(values, steps)                        # per log window: stragglers, goodput
+  with guard.saving(): ckpt.save(...)                # checkpoint time
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as dist
+
+from sora_dist.data.ledger import SampleLedger
+from sora_dist.resilience.goodput import GoodputLedger, format_summary
+from sora_dist.resilience.stragglers import StragglerMonitor
+from sora_dist.resilience.watchdog import StepWatchdog
+
+log = logging.getLogger("sora_dist")
+
+
+def shared_attempt(goodput: GoodputLedger) -> int:
+    """Rank 0's attempt number, on every rank."""
+    value = [goodput.record.get("attempt", 0)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(value, src=0)
+    return value[0]
+
+
+class FaultGuard:
+    def __init__(self, watchdog: StepWatchdog, stragglers: Optional[StragglerMonitor], goodput: GoodputLedger, ledger: SampleLedger):
+        self.watchdog, self.stragglers, self.goodput, self.ledger = watchdog, stragglers, goodput, ledger
+        self._step_started = 0.0
+        self._waited = 0.0
+        self._window_step_s = 0.0
+
+    @staticmethod
+    def build(cfg, dev, dp_rank: int, rank: int) -> "FaultGuard":
+        f, out_dir = cfg.fault, Path(cfg.train.out_dir)
+        goodput = GoodputLedger(out_dir, enabled=rank == 0)
+        ledger = SampleLedger(out_dir, shared_attempt(goodput), dp_rank, enabled=cfg.logging.sample_ledger)
+        watchdog = StepWatchdog(out_dir, rank, f.step_timeout_s, f.step_timeout_factor, f.step_timeout_min_s).start()
+        return FaultGuard(watchdog, StragglerMonitor.build(dev, f.straggler_threshold, f.probe_ms), goodput, ledger)
+
+    def started(self, resumed_from_step: int) -> None:
+        self.goodput.started_training(resumed_from_step)
+
+    def begin_step(self, step: int) -> None:
+        self.watchdog.begin(step)
+        self._step_started, self._waited = time.perf_counter(), 0.0
+
+    def phase(self, name: str) -> None:
+        self.watchdog.phase(name)
+
+    def waited(self, seconds: float) -> None:
+        """Time this step spent waiting for a batch."""
+        self._waited += seconds
+
+    def end_step(self, step: int, batches) -> None:
+        elapsed = time.perf_counter() - self._step_started
+        self.watchdog.end()
+        self.goodput.add("step", elapsed - self._waited)
+        self.goodput.add("data_wait", self._waited)
+        self.goodput.stepped(step)
+        self._window_step_s += elapsed
+        self.ledger.record(step, batches)
+
+    @contextlib.contextmanager
+    def saving(self):
+        """Around the loop's checkpoint calls: their time is checkpoint time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.goodput.add("checkpoint", time.perf_counter() - start)
+
+    def checkpointed(self, step: int) -> None:
+        self.goodput.checkpointed(step)
+
+    def window(self, steps: int, wait_s: float) -> dict:
+        """Per log window (every rank): per-rank straggler figures and the run's goodput so far."""
+        step_s = self._window_step_s / max(1, steps)
+        self._window_step_s = 0.0
+        record = self.stragglers.window(wait_s / max(1, steps), step_s) if self.stragglers is not None else {}
+        self.goodput.flush()
+        summary = self.goodput.summary()
+        if summary is not None:
+            record["goodput"] = round(summary["goodput"], 4)
+        return record
+
+    def close(self, finished: bool) -> None:
+        self.watchdog.stop()
+        self.ledger.close()
+        self.goodput.flush()
+        summary = self.goodput.summary()
+        if summary is not None and finished:
+            log.info(format_summary(summary))

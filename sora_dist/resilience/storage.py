@@ -1,0 +1,72 @@
+"""Folders a run writes, checked before training starts.
+
+A run folder or checkpoint folder that cannot be written (read-only mount, a parent that is a
+file or does not exist on one node, a full disk) would otherwise surface as a bare OSError at
+the first save, hours in. Every rank checks the folders it writes to (every rank writes its own
+checkpoint shards, so a node without the shared mount is found too), and the ranks agree, so
+that all of them stop with the same message naming the folder, the host and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as dist
+
+from sora_dist.errors import ConfigError
+
+# A save writes the new checkpoint before the oldest one is pruned: leave this much room beyond it.
+FREE_SPACE_MARGIN = 1.1
+
+
+def write_problem(folder: Path, key: str) -> Optional[str]:
+    """Why ``folder`` (config key ``key``) cannot be created and written here, or None."""
+    probe = folder / f".write-test-{socket.gethostname()}-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        return f"{key}={folder} is not writable on host {socket.gethostname()}: {err.strerror or err} ({type(err).__name__})"
+    return None
+
+
+def space_problem(folder: Path, key: str, needed_bytes: int) -> Optional[str]:
+    """Why ``folder`` has too little free space for ``needed_bytes`` more, or None."""
+    free = shutil.disk_usage(folder).free
+    if free >= needed_bytes * FREE_SPACE_MARGIN:
+        return None
+    return (f"{key}={folder} has {free / 2**30:.2f} GiB free on host {socket.gethostname()}, but one checkpoint "
+            f"of this run takes {needed_bytes / 2**30:.2f} GiB (+{FREE_SPACE_MARGIN - 1:.0%} margin)")
+
+
+def agree_or_raise(problems: list[str], fix: str) -> None:
+    """Every rank raises the same ConfigError if any rank found a problem (a collective)."""
+    if dist.is_available() and dist.is_initialized():
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, problems)
+        problems = [f"rank {rank}: {p}" for rank, mine in enumerate(gathered) for p in mine]
+    if problems:
+        unique = list(dict.fromkeys(problems))
+        shown = "; ".join(unique[:4]) + (f"; and {len(unique) - 4} more" if len(unique) > 4 else "")
+        raise ConfigError(f"{shown}. {fix}")
+
+
+def check_run_folders(out_dir: Path, checkpoint_dir: Path, checkpointing: bool) -> None:
+    """Every rank: the run folder and (when checkpoints are saved) the checkpoint folder are writable."""
+    problems = [p for p in (write_problem(out_dir, "train.out_dir"),) if p]
+    if checkpointing and not problems:
+        problems += [p for p in (write_problem(checkpoint_dir, "checkpoint.dir"),) if p]
+    agree_or_raise(problems, "Choose folders every node can write (a shared file system for checkpoint.dir), "
+                             "e.g. --train.out_dir=/shared/runs/NAME")
+
+
+def check_checkpoint_space(checkpoint_dir: Path, needed_bytes: int) -> None:
+    """Rank 0's view of the shared checkpoint folder: room for one more checkpoint."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    problem = space_problem(checkpoint_dir, "checkpoint.dir", needed_bytes) if rank == 0 else None
+    agree_or_raise([problem] if problem else [], "Free space there, lower checkpoint.keep_last, or point checkpoint.dir at a larger volume")
