@@ -1,4 +1,4 @@
-"""``sora-dist`` command line: train | sample | export | make-synthetic | encode | decode | inspect | plot | bench-train | bench-kernels | bench-checkpoint | bench-loader."""
+"""``sora-dist`` command line: train | sample | export | make-synthetic | encode | decode | inspect | plot | goodput | fault-drill | bench-* | plan | ..."""
 
 from __future__ import annotations
 
@@ -142,6 +142,21 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> None:
     log.info("exported the %s weights of %s (%d tensors) -> %s", used, path, len(model.state_dict()), args.out)
 
 
+def cmd_goodput(args: argparse.Namespace, overrides: list[str]) -> None:
+    from sora_dist.errors import ConfigError
+    from sora_dist.resilience.goodput import format_summary, read_attempts, summarize
+
+    attempts = read_attempts(Path(args.run) / "goodput")
+    if not attempts:
+        raise ConfigError(f"{args.run} has no goodput records (goodput/attempt-N.json): pass a train.out_dir of a run")
+    for attempt in attempts:
+        seconds = attempt["seconds"]
+        log.info("attempt %d: world size %d, resumed at step %d, last step %d | startup %.1f s, steps %.1f s, data wait %.1f s, "
+                 "checkpoints %.1f s", attempt["attempt"], attempt["world_size"], attempt["resumed_from_step"], attempt["last_step"],
+                 seconds["startup"], seconds["step"], seconds["data_wait"], seconds["checkpoint"])
+    log.info(format_summary(summarize(attempts)))
+
+
 def cmd_plot(args: argparse.Namespace, overrides: list[str]) -> None:
     from sora_dist.metrics import read_history
     from sora_dist.visualize import save_loss_comparison
@@ -169,6 +184,7 @@ MODULE_COMMANDS = {
     "plan": "sora_dist.perf.plan",
     "bench-scaling": "sora_dist.perf.scaling",
     "scaling-report": "sora_dist.perf.scaling:report_main",
+    "fault-drill": "sora_dist.resilience.drill",
 }
 
 
@@ -247,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("plan", help="rank every layout on N accelerators: step time, exposed comm, memory, MFU; scaling tables (see --help)")
     sub.add_parser("bench-scaling", help="bench-train over many layouts and world sizes, against the model's predictions")
     sub.add_parser("scaling-report", help="predicted vs measured from bench-train JSON of separate jobs")
+    sub.add_parser("fault-drill", help="kill one of two elastic 'nodes' on localhost; report recovery time, steps lost, goodput")
+
+    p = sub.add_parser("goodput", help="where a run's wall time went, across its restarts: productive steps, lost work, saves, waits")
+    p.add_argument("run", help="a run folder (train.out_dir)")
+    p.set_defaults(func=cmd_goodput, overrides_allowed=False)
 
     p = sub.add_parser("plot", help="plot the loss curves of several runs on one chart")
     p.add_argument("runs", nargs="+", help="run folders, optionally labelled: LABEL=runs/x")

@@ -39,7 +39,7 @@ from sora_dist.models import VideoDiT, count_parameters, train_flops
 from sora_dist.parallel import DeepSpeedEngine, ParallelDims, local_bytes
 from sora_dist.resilience.elastic import explain_layout_error, layout_change, restart_context
 from sora_dist.resilience.guard import FaultGuard
-from sora_dist.resilience.health import health_check
+from sora_dist.resilience.health import check_links, check_ranks_answer
 from sora_dist.resilience.storage import check_checkpoint_space, check_run_folders
 
 log = logging.getLogger("sora_dist")
@@ -144,6 +144,7 @@ def build_run(cfg: Config, dev, world_size: int, rank: int) -> tuple[Run, object
     would not fit on disk and unhealthy ranks or links all stop the run here, before the first step."""
     distributed = world_size > 1
     out_dir = Path(cfg.train.out_dir)
+    hosts = check_ranks_answer(cfg.fault.health_timeout_s) if distributed and cfg.fault.health_check else []
     check_run_folders(out_dir, checkpoint_dir(cfg.checkpoint, out_dir), saves_enabled(cfg.checkpoint))
     _prepare_data(cfg, rank, distributed)
     manifest = read_manifest(cfg.data.path)
@@ -156,7 +157,7 @@ def build_run(cfg: Config, dev, world_size: int, rank: int) -> tuple[Run, object
     if saves_enabled(cfg.checkpoint):
         check_checkpoint_space(checkpoint_dir(cfg.checkpoint, out_dir), checkpoint_bytes(model_cfg, cfg.optim.ema_decay > 0))
     if distributed and cfg.fault.health_check:
-        health_check(stack.mesh, stack.dims, dev, health_check_bytes(cfg.fault, dev), cfg.fault.health_min_fraction, cfg.fault.health_timeout_s)
+        check_links(stack.mesh, stack.dims, dev, health_check_bytes(cfg.fault, dev), cfg.fault.health_min_fraction, hosts)
     loader = LatentLoader(cfg.data, cfg.model.patch_size, dp_rank=stack.dp_rank, dp_size=stack.dims.dp, pin_memory=dev.kind != "cpu")
     cfg = resolved_config(cfg, model_cfg)
     if rank == 0:

@@ -135,12 +135,14 @@ def run_drill(out: Path, steps: int = 40, kill_at_step: int = 14, every_steps: i
     attempts = read_attempts(out / "run" / "goodput")
     summary = summarize(attempts)
     kept, redone = kept_samples(out / "run", attempts)
+    killed_after = max(r["step"] for records in read_ledger(out / "run")[0].values() for r in records)
+    resumed = [a["resumed_from_step"] for a in attempts[1:]]
     return {
         "date": time.strftime("%Y-%m-%d %H:%M"), "world_sizes": [a["world_size"] for a in attempts],
-        "killed_after_step": max(r["step"] for recs in read_ledger(out / "run")[0].values() for r in recs),
-        "resumed_from_step": [a["resumed_from_step"] for a in attempts[1:]],
-        "final_step": attempts[-1]["last_step"], "recovery_s": attempts[-1]["first_step_at"] - killed_at if len(attempts) > 1 else None,
-        "steps_lost": summary["steps_lost"], "goodput": summary["goodput"], "goodput_summary": format_summary(summary),
+        "killed_after_step": killed_after, "resumed_from_step": resumed, "final_step": attempts[-1]["last_step"],
+        "recovery_s": attempts[-1]["first_step_at"] - killed_at if len(attempts) > 1 else None,
+        "steps_lost": [killed_after - step for step in resumed[:1]],  # from the ledger: every step is in it
+        "goodput": summary["goodput"], "goodput_summary": format_summary(summary),
         "kept_samples": len(kept), "distinct_kept_samples": len(set(kept)), "redone_step_records": redone,
     }
 

@@ -18,7 +18,8 @@ attempts, the summary adds
                record of one attempt to the start of the next);
 
 and reports goodput = productive step time (step less lost) / wall time since the first attempt
-began: the effective training time ratio.
+began: the effective training time ratio. A failed attempt is known as of its last record (the
+last log window or checkpoint): the steps after it count as recovery, not as lost steps.
 """
 
 from __future__ import annotations

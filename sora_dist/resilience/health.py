@@ -2,9 +2,9 @@
 
 Before the first step (which on a big job costs minutes of everyone's time to reach) the trainer
 
-1. runs a monitored barrier on a gloo group with ``fault.health_timeout_s``: a rank that does not
-   arrive (a dead GPU, a hung driver, a node that never came up) is named, instead of every
-   other rank waiting in its first collective;
+1. has every rank check in at the process group's store, before any collective, within
+   ``fault.health_timeout_s``: a rank that does not (a dead GPU, a hung driver, a node that never
+   came up) is named, instead of every other rank waiting in its first collective;
 2. times a short all-reduce and all-to-all on each mesh dimension's groups (the collectives and
    timing of ``sora-dist bench-comm``, with nccl-tests' bus bandwidth), logs the bandwidth per
    dimension, and stops naming the hosts of any group whose bus bandwidth is below
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import socket
 import statistics
 
@@ -28,22 +29,33 @@ from sora_dist.perf.bench_comm import bus_factor, collective, measured_dims, tim
 log = logging.getLogger("sora_dist")
 
 OPS = ("all_reduce", "all_to_all")
-WARMUP, ITERS = 1, 3
+# The best of a few rounds: a bad link is slow every time, a busy moment on a host only once.
+WARMUP, ITERS, ROUNDS = 1, 3, 3
 
 
 def check_ranks_answer(timeout_s: float) -> list[str]:
-    """Every rank reaches a barrier within ``timeout_s``; returns every rank's host name."""
-    group = dist.new_group(backend="gloo")
+    """Every rank checks in at the process group's store within ``timeout_s``; returns every
+    rank's host name. Run before any collective, which a missing rank would block without a name."""
+    store = dist.distributed_c10d._get_default_store()
+    prefix = f"sora_dist/answer/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    keys = [f"{prefix}{rank}" for rank in range(dist.get_world_size())]
+    store.set(keys[dist.get_rank()], socket.gethostname())
     try:
-        dist.monitored_barrier(group, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)
-    except RuntimeError as err:
+        store.wait(keys, datetime.timedelta(seconds=timeout_s))
+    except RuntimeError:
+        missing = [rank for rank, key in enumerate(keys) if not store.check([key])]
         raise TrainingError(
-            f"health check: not every rank answered within fault.health_timeout_s={timeout_s:g} s (this is rank "
-            f"{dist.get_rank()} on {socket.gethostname()}): {err}. Check the named ranks' hosts; raise the timeout "
-            "if they are only slow to start") from None
-    hosts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(hosts, socket.gethostname())
-    return hosts
+            f"health check: not every rank answered within fault.health_timeout_s={timeout_s:g} s: ranks {missing} are "
+            f"missing (this is rank {dist.get_rank()} on {socket.gethostname()}). Check those ranks' hosts and logs; "
+            "raise the timeout if they are only slow to start") from None
+    return [store.get(key).decode() for key in keys]
+
+
+def group_time(seconds: float, group, dev) -> float:
+    """The group's time is its slowest rank's: a rank that arrived late waited less than its peers."""
+    value = torch.tensor([seconds], dtype=torch.float64, device=dev.torch_device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return float(value)
 
 
 def measure_groups(mesh, dims, dev, nbytes: int) -> tuple[list[tuple[str, str]], torch.Tensor]:
@@ -52,7 +64,8 @@ def measure_groups(mesh, dims, dev, nbytes: int) -> tuple[list[tuple[str, str]],
     for dim in measured_dims(dims):
         group, n = mesh[dim].get_group(), getattr(dims, dim)
         for op in OPS:
-            seconds = time_op(collective(op, group, nbytes, dev.torch_device), group, dev, WARMUP, ITERS)
+            run = collective(op, group, nbytes, dev.torch_device)
+            seconds = min(group_time(time_op(run, group, dev, WARMUP, ITERS), group, dev) for _ in range(ROUNDS))
             pairs.append((dim, op))
             mine.append(nbytes / seconds * bus_factor(op, n) / 1e9)
     local = torch.tensor(mine, dtype=torch.float64, device=dev.torch_device)
@@ -74,16 +87,15 @@ def slow_groups(pairs: list[tuple[str, str]], busbw: torch.Tensor, hosts: list[s
     return problems
 
 
-def health_check(mesh, dims, dev, nbytes: int, min_fraction: float, timeout_s: float) -> dict:
-    """Run both checks (every rank); returns {dim: {op: median busbw}} and raises on a slow group."""
-    hosts = check_ranks_answer(timeout_s)
+def check_links(mesh, dims, dev, nbytes: int, min_fraction: float, hosts: list[str]) -> dict:
+    """Time every mesh group (every rank); returns {dim: {op: median busbw}}, raises on a slow group."""
     pairs, busbw = measure_groups(mesh, dims, dev, nbytes)
     summary: dict = {}
     for column, (dim, op) in enumerate(pairs):
         values = busbw[:, column]
         summary.setdefault(dim, {})[op] = float(values.median())
         log.info("health check: %s (groups of %d) %s of %.0f MiB: bus bandwidth %.2f GB/s median, %.2f min, %.2f max",
-                 dim, getattr(dims, dim), op, nbytes / 2**20, values.median(), values.min(), values.max())
+                 dim, getattr(dims, dim), op, nbytes / 2**20, float(values.median()), float(values.min()), float(values.max()))
     problems = slow_groups(pairs, busbw, hosts, min_fraction)
     if problems:
         raise TrainingError(

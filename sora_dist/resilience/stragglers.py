@@ -9,8 +9,8 @@ per-rank figures can, and every log window gathers them from every rank:
   inside, synchronized on the device) once per log window. A throttled, misconfigured or shared
   accelerator runs it slower than its peers; it costs ``fault.probe_ms`` per window.
 
-A rank whose probe takes more than ``fault.straggler_threshold`` times the median of all ranks,
-or whose data wait adds more than that fraction of the median step, is reported with its host.
+A rank whose probe takes more than ``fault.straggler_threshold`` times the median of the other
+ranks, or whose extra data wait lengthens the step by that factor, is reported with its host.
 The per-rank figures go to metrics.jsonl (``rank_probe_ms``, ``rank_data_wait_s``).
 """
 
@@ -43,7 +43,7 @@ class Straggler:
 
     def describe(self) -> str:
         what = "its device probe runs" if self.cause == "device" else "its data wait makes its step"
-        return f"rank {self.rank} on host {self.host}: {what} {self.slowdown:.2f}x the median of all ranks"
+        return f"rank {self.rank} on host {self.host}: {what} {self.slowdown:.2f}x the median of the other ranks"
 
 
 class DeviceProbe:
@@ -80,13 +80,13 @@ class DeviceProbe:
 
 
 def find_stragglers(probe_s: list[float], wait_s: list[float], step_s: float, hosts: list[str], threshold: float) -> list[Straggler]:
-    """Ranks slower than ``threshold`` times the median, slowest first (pure: tested directly)."""
+    """Ranks slower than ``threshold`` times the median of the other ranks, slowest first (pure)."""
     found = []
-    probe_median = statistics.median(probe_s)
-    wait_median = statistics.median(wait_s)
     for rank, (probe, wait) in enumerate(zip(probe_s, wait_s)):
-        device = probe / probe_median if probe_median > 0 else 1.0
-        data = (step_s + wait - wait_median) / step_s if step_s > 0 else 1.0
+        probe_peers = statistics.median(probe_s[:rank] + probe_s[rank + 1 :])
+        wait_peers = statistics.median(wait_s[:rank] + wait_s[rank + 1 :])
+        device = probe / probe_peers if probe_peers > 0 else 1.0
+        data = (step_s + wait - wait_peers) / step_s if step_s > 0 else 1.0
         slowdown, cause = max((device, "device"), (data, "data"))
         if slowdown > threshold:
             found.append(Straggler(rank, hosts[rank], slowdown, cause))
@@ -116,8 +116,9 @@ class StragglerMonitor:
         probe_s = [float(t[0]) for t in every]
         wait_s = [float(t[1]) for t in every]
         found = find_stragglers(probe_s, wait_s, step_s, self.hosts, self.threshold) if len(every) > 1 else []
-        for straggler in found:
-            log.warning("straggler: %s (threshold %.2fx)", straggler.describe(), self.threshold)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            for straggler in found:
+                log.warning("straggler: %s (threshold %.2fx)", straggler.describe(), self.threshold)
         record = {"rank_probe_ms": [round(1e3 * s, 3) for s in probe_s], "rank_data_wait_s": [round(s, 5) for s in wait_s]}
         if found:
             record["stragglers"] = [{"rank": s.rank, "host": s.host, "slowdown": round(s.slowdown, 3), "cause": s.cause} for s in found]
