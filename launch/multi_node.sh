@@ -14,8 +14,11 @@ set -euo pipefail
 NPROC=${NPROC:-8}
 MASTER_PORT=${MASTER_PORT:-29500}
 JOB_ID=${JOB_ID:-sora-dist}
-# After a failure, wait LAST_CALL_TIMEOUT s for more nodes once the minimum has joined.
+# After a failure, wait LAST_CALL_TIMEOUT s for more nodes once the minimum has joined. A node
+# whose agent stops answering is dropped after KEEP_ALIVE_INTERVAL x KEEP_ALIVE_MAX_ATTEMPT s
+# (torch's defaults, 5 x 3): lower them to recover sooner from a dead node (see README, Fault tolerance).
 RDZV_CONF="join_timeout=${JOIN_TIMEOUT:-600},last_call_timeout=${LAST_CALL_TIMEOUT:-30}"
+RDZV_CONF+=",keep_alive_interval=${KEEP_ALIVE_INTERVAL:-5},keep_alive_max_attempt=${KEEP_ALIVE_MAX_ATTEMPT:-3}"
 exec torchrun \
   --nnodes "$NNODES" --nproc-per-node "$NPROC" \
   --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$JOB_ID" --rdzv-conf "$RDZV_CONF" \

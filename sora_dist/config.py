@@ -223,7 +223,7 @@ class FaultConfig:
     health_check: bool = True
     """Before training: every rank answers, and each mesh group's bandwidth is checked against its peers."""
     health_check_mib: Optional[float] = None
-    """Message size of the health check's all-reduce and all-to-all; null: 64 on GPU/NPU, 4 on cpu."""
+    """Message size of the health check's all-reduce and all-to-all; null: 64 on GPU/NPU, 1 on cpu."""
     health_min_fraction: float = 0.5
     """Stop when a group's bus bandwidth is below this fraction of the median of its dimension's groups."""
     health_timeout_s: float = 120.0

@@ -45,7 +45,7 @@ from sora_dist.resilience.storage import check_checkpoint_space, check_run_folde
 log = logging.getLogger("sora_dist")
 
 FP32_BYTES = 4
-HEALTH_CHECK_MIB_CPU, HEALTH_CHECK_MIB_ACCELERATOR = 4, 64
+HEALTH_CHECK_MIB_CPU, HEALTH_CHECK_MIB_ACCELERATOR = 1, 64
 
 
 class EMA:

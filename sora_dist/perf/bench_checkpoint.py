@@ -39,7 +39,9 @@ def _timed_run(overrides: list[str], dev, world_size: int, rank: int) -> tuple[f
     start = time.perf_counter()
     with stop_signals() as stop:
         run_loop(run, stop)
-    return time.perf_counter() - start, run
+    seconds = time.perf_counter() - start
+    run.guard.close(finished=False)
+    return seconds, run
 
 
 def _rank_bytes(step_dir: Path, rank: int) -> int:
@@ -60,7 +62,7 @@ def benchmark(preset: str, steps: int, extra: list[str], workdir: Path) -> dict:
         "--checkpoint.resume=none", "--checkpoint.keep_last=0", *extra,
     ]
     results = {"preset": preset, "steps": steps, "world_size": world_size, "device": dev.name}
-    variants = {"none": [], "blocking": [f"--checkpoint.every_steps={steps // 2}"], "async": [f"--checkpoint.every_steps={steps // 2}", "--checkpoint.async_save=true"]}
+    variants = {"none": [], "blocking": [f"--checkpoint.every_steps={steps // 2}", "--checkpoint.async_save=false"], "async": [f"--checkpoint.every_steps={steps // 2}", "--checkpoint.async_save=true"]}
     for name, flags in variants.items():
         out = workdir / name
         results[f"train_s_{name}"], _ = _timed_run(base + [f"--train.out_dir={out}", *flags], dev, world_size, rank)

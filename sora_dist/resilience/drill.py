@@ -2,9 +2,9 @@
 
   sora-dist fault-drill --out runs/drill          (from a source checkout: it uses launch/)
 
-Two torchrun agents (``launch/multi_node.sh`` with ``NNODES=1:2``, ``MAX_RESTARTS=2``) form one
-job on localhost and train the demo model with checkpoints every few steps and the sample
-ledger on. At ``--kill-at-step`` the drill kills the second node's agent and workers (SIGKILL,
+Two torchrun agents (``launch/multi_node.sh`` with ``NNODES=1:2``, ``MAX_RESTARTS=2``, a 5 s last
+call and ``--keep-alive-interval``) form one job on localhost and train the demo model with
+checkpoints every few steps and the sample ledger on. At ``--kill-at-step`` the drill kills the second node's agent and workers (SIGKILL,
 as a dead host would). The first node's workers fail in their next collective, its agent
 restarts them, the rendezvous re-forms with one node, and the trainer resumes on the smaller
 world from the newest complete checkpoint, with no human action. The drill then reports, from
@@ -75,10 +75,10 @@ def train_args(out: Path, steps: int, every_steps: int) -> list[str]:
     ]
 
 
-def start_node(name: str, out: Path, port: int, nproc: int, args: list[str]) -> subprocess.Popen:
+def start_node(name: str, out: Path, port: int, nproc: int, args: list[str], keep_alive_s: int) -> subprocess.Popen:
     env = {**os.environ, "NNODES": "1:2", "NPROC": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
            "JOB_ID": f"drill-{port}", "MAX_RESTARTS": "2", "MONITOR_INTERVAL": "1", "LAST_CALL_TIMEOUT": "5",
-           "JOIN_TIMEOUT": "120", "OMP_NUM_THREADS": "1",
+           "JOIN_TIMEOUT": "120", "KEEP_ALIVE_INTERVAL": str(keep_alive_s), "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # this Python's torchrun
     log = open(out / f"node-{name}.log", "w")
     return subprocess.Popen(["bash", str(LAUNCHER), *args], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -112,15 +112,16 @@ def kept_samples(run: Path, attempts: list[dict]) -> tuple[list[tuple[int, int]]
     return kept, redone
 
 
-def run_drill(out: Path, steps: int = 40, kill_at_step: int = 14, every_steps: int = 5, nproc: int = 1, timeout_s: float = 300) -> dict:
+def run_drill(out: Path, steps: int = 40, kill_at_step: int = 14, every_steps: int = 5, nproc: int = 1, keep_alive_s: int = 5,
+              timeout_s: float = 300) -> dict:
     """Run the drill in ``out``; returns its measurements (and raises if the job did not recover)."""
     if not LAUNCHER.is_file():
         raise ConfigError(f"the fault drill runs the launch scripts of a source checkout; {LAUNCHER} is missing")
     out.mkdir(parents=True, exist_ok=True)
     port, args = free_port(), train_args(out, steps, every_steps)
-    survivor = start_node("a", out, port, nproc, args)  # hosts the rendezvous store: it must survive
+    survivor = start_node("a", out, port, nproc, args, keep_alive_s)  # hosts the rendezvous store: it must survive
     time.sleep(2)
-    victim = start_node("b", out, port, nproc, args)
+    victim = start_node("b", out, port, nproc, args, keep_alive_s)
     try:
         wait_for(lambda: last_step(out / "run") >= kill_at_step, timeout_s, f"step {kill_at_step}", [survivor, victim])
         killed_at = time.time()
@@ -138,7 +139,7 @@ def run_drill(out: Path, steps: int = 40, kill_at_step: int = 14, every_steps: i
     killed_after = max(r["step"] for records in read_ledger(out / "run")[0].values() for r in records)
     resumed = [a["resumed_from_step"] for a in attempts[1:]]
     return {
-        "date": time.strftime("%Y-%m-%d %H:%M"), "world_sizes": [a["world_size"] for a in attempts],
+        "date": time.strftime("%Y-%m-%d %H:%M"), "keep_alive_s": keep_alive_s, "world_sizes": [a["world_size"] for a in attempts],
         "killed_after_step": killed_after, "resumed_from_step": resumed, "final_step": attempts[-1]["last_step"],
         "recovery_s": attempts[-1]["first_step_at"] - killed_at if len(attempts) > 1 else None,
         "steps_lost": [killed_after - step for step in resumed[:1]],  # from the ledger: every step is in it
@@ -149,7 +150,7 @@ def run_drill(out: Path, steps: int = 40, kill_at_step: int = 14, every_steps: i
 
 def format_report(result: dict) -> str:
     return "\n".join([
-        f"fault drill {result['date']}: world sizes per attempt {result['world_sizes']}, node killed after step "
+        f"fault drill {result['date']} (rendezvous keep-alive {result['keep_alive_s']} s): world sizes per attempt {result['world_sizes']}, node killed after step "
         f"{result['killed_after_step']}, resumed from step {result['resumed_from_step']}, finished at step {result['final_step']}",
         f"recovery {result['recovery_s']:.1f} s (kill to the first step after the restart), steps lost {result['steps_lost']}",
         f"samples in kept steps: {result['kept_samples']}, distinct: {result['distinct_kept_samples']} (exactly once: "
@@ -165,9 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-at-step", type=int, default=14)
     parser.add_argument("--every-steps", type=int, default=5, help="checkpoint interval")
     parser.add_argument("--nproc-per-node", type=int, default=1)
+    parser.add_argument("--keep-alive-interval", type=int, default=5,
+                        help="rendezvous heartbeat in s (KEEP_ALIVE_INTERVAL of launch/multi_node.sh; a dead node is dropped after 3 missed)")
     parser.add_argument("--json", default="", help="also write the measurements to this file")
     args = parser.parse_args(argv)
-    result = run_drill(args.out, args.steps, args.kill_at_step, args.every_steps, args.nproc_per_node)
+    result = run_drill(args.out, args.steps, args.kill_at_step, args.every_steps, args.nproc_per_node, args.keep_alive_interval)
     print(format_report(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -58,7 +58,7 @@ def slow_link(ranks: set[int]) -> None:
 
         def slowed():
             run()
-            time.sleep(0.2)
+            time.sleep(0.3)
 
         return slowed
 
