@@ -214,9 +214,9 @@ def _train(cfg: Config, dev, world_size: int, rank: int) -> dict[str, float]:
     resume = run.ckpt.find_resume()
     if resume is not None:
         run.ckpt.load(resume, run.state)
-        change = layout_change(resume, dims, model_cfg)
+        change, context = layout_change(resume, dims, model_cfg), restart_context()
         if change:
-            log.info("%s%s", f"{restart_context()}: " if restart_context() else "", change)
+            log.info("%s%s", f"{context}: " if context else "", change)
     run.batches = iter(run.loader)  # after a resume has set the loader's position
     run.metrics.resumed_at(run.state.step)
     run.guard.started(run.state.step)

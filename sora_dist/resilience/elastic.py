@@ -18,9 +18,14 @@ from sora_dist.errors import ConfigError
 from sora_dist.parallel.mesh import MESH_DIMS, resolve_dims
 
 
+def restart_counts() -> tuple[int, int]:
+    """How often torchrun has restarted these workers, and SLURM requeued this job (0, 0 at first)."""
+    return tuple(int(os.environ.get(name, "0") or 0) for name in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
+
+
 def restart_context() -> str:
     """A phrase naming this restart (torchrun's or SLURM's count), or '' on a first launch."""
-    torchrun, slurm = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0) or 0), int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0)
+    torchrun, slurm = restart_counts()
     if torchrun:
         return f"torchrun restart {torchrun} (of --max-restarts {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')})"
     return f"SLURM requeue {slurm}" if slurm else ""

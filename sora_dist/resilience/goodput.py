@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from sora_dist.resilience.elastic import restart_counts
+
 CATEGORIES = ("startup", "step", "data_wait", "checkpoint")
 _IMPORTED_AT = time.time()
 
@@ -44,11 +46,6 @@ def process_start_time() -> float:
         return _IMPORTED_AT
 
 
-def restarted() -> bool:
-    """Whether this process is a restart of the job by torchrun or a requeue by SLURM."""
-    return any(int(os.environ.get(name, "0") or 0) > 0 for name in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
-
-
 class GoodputLedger:
     """This attempt's account; a no-op where ``enabled`` is false (every rank but 0)."""
 
@@ -57,11 +54,12 @@ class GoodputLedger:
         self.seconds = dict.fromkeys(CATEGORIES, 0.0)
         self.banked: dict[str, float] = {}  # checkpointed step -> step time up to it
         self.record: dict = {}
+        self.earlier: list[dict] = []
         if not enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         self.attempt = len(list(self.dir.glob("attempt-*.json")))
-        self.record = {"attempt": self.attempt, "started_at": process_start_time(), "restart_count": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+        self.record = {"attempt": self.attempt, "started_at": process_start_time(), "restart_count": restart_counts()[0],
                        "world_size": int(os.environ.get("WORLD_SIZE", 1)), "resumed_from_step": 0, "first_step_at": None, "last_step": 0}
 
     def started_training(self, resumed_from_step: int) -> None:
@@ -69,10 +67,11 @@ class GoodputLedger:
         SLURM) reuses the folder for a new run: the old attempts go."""
         if not self.enabled:
             return
-        if resumed_from_step == 0 and not restarted():
+        if resumed_from_step == 0 and not any(restart_counts()):
             for old in self.dir.glob("attempt-*.json"):
                 old.unlink()
             self.attempt = self.record["attempt"] = 0
+        self.earlier = read_attempts(self.dir)  # finished attempts: read once, not every log window
         now = time.time()
         self.seconds["startup"] = now - self.record["started_at"]
         self.record.update(resumed_from_step=resumed_from_step, first_step_at=now, last_step=resumed_from_step)
@@ -100,7 +99,8 @@ class GoodputLedger:
         os.replace(tmp, self.dir / f"attempt-{self.attempt}.json")
 
     def summary(self) -> Optional[dict]:
-        return summarize(read_attempts(self.dir)) if self.enabled else None
+        """The run's account so far: the earlier attempts and this one (after ``flush``)."""
+        return summarize([*self.earlier, self.record]) if self.enabled and "seconds" in self.record else None
 
 
 def read_attempts(folder: Path) -> list[dict]:

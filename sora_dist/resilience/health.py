@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from sora_dist.errors import TrainingError
 from sora_dist.perf.bench_comm import bus_factor, collective, measured_dims, time_op
+from sora_dist.resilience.elastic import restart_counts
 
 log = logging.getLogger("sora_dist")
 
@@ -37,7 +38,7 @@ def check_ranks_answer(timeout_s: float) -> list[str]:
     """Every rank checks in at the process group's store within ``timeout_s``; returns every
     rank's host name. Run before any collective, which a missing rank would block without a name."""
     store = dist.distributed_c10d._get_default_store()
-    prefix = f"sora_dist/answer/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    prefix = f"sora_dist/answer/{restart_counts()[0]}/"  # a restarted job checks in afresh
     keys = [f"{prefix}{rank}" for rank in range(dist.get_world_size())]
     store.set(keys[dist.get_rank()], socket.gethostname())
     try:
