@@ -78,6 +78,37 @@ class DiffusionConfig:
 
 
 @dataclass
+class MaskConfig:
+    """Frame-conditioned training (the mask strategy): per sample, some latent frames (after
+    patching) are given, kept clean at t = 0 and left out of the loss, so that one model learns
+    image-to-video, extension, connecting clips and editing. Each key is the probability of one
+    choice; what they leave of 1 is plain text-to-video. Images (one frame) are never masked."""
+
+    image_to_video: float = 0.0
+    """Probability that the first frame is given."""
+    extend_forward: float = 0.0
+    """Probability that the first k frames are given (k from 1 to max_given_fraction of the frames)."""
+    extend_backward: float = 0.0
+    """Probability that the last k frames are given."""
+    connect: float = 0.0
+    """Probability that the first k and the last k frames are given (connecting two clips)."""
+    random_frames: float = 0.0
+    """Probability that each frame is given with probability 1/2 (at least one is generated)."""
+    max_given_fraction: float = 0.5
+    """Upper bound on k as a fraction of the clip's frames (at least 1 frame)."""
+
+    def choices(self) -> dict[str, float]:
+        """Choice name -> probability, text_to_video included."""
+        given = {"image_to_video": self.image_to_video, "extend_forward": self.extend_forward, "extend_backward": self.extend_backward,
+                 "connect": self.connect, "random_frames": self.random_frames}
+        return {"text_to_video": max(0.0, 1.0 - sum(given.values())), **given}
+
+    @property
+    def enabled(self) -> bool:
+        return self.choices()["text_to_video"] < 1.0
+
+
+@dataclass
 class DataConfig:
     path: str = "data/synthetic"
     """Folder holding ``manifest.json`` and ``shard-*.tar``."""
@@ -234,6 +265,7 @@ class FaultConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -454,6 +486,15 @@ def _validate_model(m: ModelConfig) -> None:
     _require(all(p > 0 for p in m.patch_size), f"model.patch_size={list(m.patch_size)} must be positive")
 
 
+def _validate_mask(mask: MaskConfig) -> None:
+    given = {name: p for name, p in mask.choices().items() if name != "text_to_video"}
+    for name, probability in given.items():
+        _require(0.0 <= probability <= 1.0, f"mask.{name}={probability} must be a probability in [0, 1]")
+    total = sum(given.values())
+    _require(total <= 1.0 + 1e-9, f"the mask.* probabilities add up to {total:.3g}: lower some of them (what they leave of 1 is text-to-video)")
+    _require(0.0 < mask.max_given_fraction < 1.0, f"mask.max_given_fraction={mask.max_given_fraction} must be in (0, 1)")
+
+
 def _validate_training(cfg: Config) -> None:
     d = cfg.diffusion
     _require(d.num_timesteps >= 2, f"diffusion.num_timesteps={d.num_timesteps} must be at least 2")
@@ -467,6 +508,7 @@ def _validate_training(cfg: Config) -> None:
         f"diffusion.sampler={d.sampler!r} does not go with diffusion.objective={d.objective!r}: "
         f"use sampler 'euler' with 'flow', and 'ddpm' or 'ddim' with 'ddpm'",
     )
+    _validate_mask(cfg.mask)
 
     data = cfg.data
     _require(data.tokens_per_batch > 0, f"data.tokens_per_batch={data.tokens_per_batch} must be positive")

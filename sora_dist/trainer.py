@@ -173,7 +173,7 @@ def build_run(cfg: Config, dev, world_size: int, rank: int) -> tuple[Run, object
     guard = FaultGuard.build(cfg, dev, stack.dp_rank, rank)
     async_save = cfg.checkpoint.async_save if cfg.checkpoint.async_save is not None else dev.kind != "cpu"
     ckpt = CheckpointManager(cfg.checkpoint, out_dir, async_save, on_complete=guard.checkpointed)
-    run = Run(cfg, dev, stack.dims, stack.model, stack.engine, stack.optimizer, ema, build_objective(cfg.diffusion, model_cfg.patch_size),
+    run = Run(cfg, dev, stack.dims, stack.model, stack.engine, stack.optimizer, ema, build_objective(cfg.diffusion, model_cfg.patch_size, cfg.mask),
               loader, state, ckpt, metrics, stack.autocast_dtype, guard)
     return run, model_cfg
 
@@ -369,7 +369,7 @@ def _micro_step(run: Run, window: dict, step: int) -> tuple[Batch, torch.Tensor]
     shape, text_len = tuple(batch.latents.shape[2:]), batch.text.shape[1]
     window["samples"] += len(batch.keys)
     window["tokens"] += len(batch.keys) * run.model.cfg.num_tokens(shape)
-    window["flops"] += len(batch.keys) * train_flops(run.model.cfg, shape, text_len)
+    window["flops"] += len(batch.keys) * train_flops(run.model.cfg, shape, text_len, per_frame_t=run.cfg.mask.enabled)
     return batch, loss.detach()
 
 

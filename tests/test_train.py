@@ -70,7 +70,7 @@ def test_non_finite_loss_stops_with_a_diagnosis(synthetic_dir, tmp_path, monkeyp
         def loss(self, model, x0, text, mask, generator=None):
             return model(x0, torch.zeros(x0.shape[0]), text, mask).mean(dim=(1, 2, 3, 4)) * float("nan")
 
-    monkeypatch.setattr(trainer, "build_objective", lambda cfg, patch: Exploding())
+    monkeypatch.setattr(trainer, "build_objective", lambda *args: Exploding())
     with pytest.raises(TrainingError, match=r"non-finite training signal at step 1: loss nan.*lower optim.lr.*mixed_precision=fp32"):
         trainer.train(short_config(synthetic_dir, tmp_path, "--train.steps=3", "--train.sample_at_end=false"))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -87,6 +88,63 @@ def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float, device:
         dim=-1,
     ).reshape(t * h * w, head_dim // 2)
     return angles.cos(), angles.sin()
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-frame timesteps: which frame each token belongs to
+
+
+@dataclass(frozen=True)
+class FrameSpan:
+    """The tokens a forward pass holds: ``count`` consecutive tokens from ``first``, of a sequence
+    of ``num_frames`` frames of ``frame_tokens`` tokens each (tokens are frame-major). Sequence
+    parallelism replaces the whole-sequence span with each rank's slice; tokens past the end of
+    the sequence (its padding) count as the last frame's."""
+
+    first: int
+    count: int
+    frame_tokens: int
+    num_frames: int
+
+    def segments(self) -> list[tuple[int, int, int]]:
+        """(first frame, frames, tokens) runs covering the span in order: a run is whole frames
+        (tokens = frames * frame_tokens) or part of one frame (frames = 1)."""
+        runs, pos, end = [], self.first, self.first + self.count
+        while pos < end:
+            frame = min(pos // self.frame_tokens, self.num_frames - 1)
+            whole = min((end - pos) // self.frame_tokens, self.num_frames - frame) if pos % self.frame_tokens == 0 else 0
+            if whole:
+                runs.append((frame, whole, whole * self.frame_tokens))
+            else:
+                stop = end if frame == self.num_frames - 1 else min(end, (frame + 1) * self.frame_tokens)
+                runs.append((frame, 1, stop - pos))
+            pos += runs[-1][2]
+        return runs
+
+
+class TokenFrames(nn.Module):
+    """The FrameSpan of a patch grid (no parameters): a module so that sequence parallelism can
+    replace its output with the rank's slice, as it does for the rotary angles."""
+
+    def forward(self, grid: tuple[int, int, int]) -> FrameSpan:
+        t, h, w = grid
+        return FrameSpan(first=0, count=t * h * w, frame_tokens=h * w, num_frames=t)
+
+
+def per_frame(op: Callable[..., torch.Tensor], span: FrameSpan, tokens: tuple[torch.Tensor, ...], mods: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """``op(*tokens, *mods)`` for (B, n, D) tokens and modulation that is per sample (B, D) or per
+    frame (B, T', D). Per frame, each run of whole frames is folded into the batch, (B*k, S, D)
+    with (B*k, D) modulation, so the fused per-sample kernels apply unchanged and nothing is
+    broadcast to every token in memory."""
+    if mods[0].dim() == 2:
+        return op(*tokens, *mods)
+    b, outputs, offset = tokens[0].shape[0], [], 0
+    for frame, frames, count in span.segments():
+        folded = [x.narrow(1, offset, count).reshape(b * frames, count // frames, x.shape[-1]) for x in tokens]
+        frame_mods = [m[:, frame : frame + frames].reshape(b * frames, m.shape[-1]) for m in mods]
+        outputs.append(op(*folded, *frame_mods).reshape(b, count, -1))
+        offset += count
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
 
 class RotaryEmbedding3D(nn.Module):
@@ -203,12 +261,18 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(d, cfg.mlp_hidden)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
 
-    def forward(self, x, c, context, context_mask, rope):
+    def forward(self, x, c, context, context_mask, rope, frames: FrameSpan):
+        """c: (B, D) per sample or (B, T', D) per frame."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = gated_residual(x, gate_msa, self.attn(modulated_layer_norm(x, shift_msa, scale_msa), rope=rope))
+        h = per_frame(modulated_layer_norm, frames, (x,), (shift_msa, scale_msa))
+        x = per_frame(_gated_residual, frames, (x, self.attn(h, rope=rope)), (gate_msa,))
         x = x + self.cross_attn(self.norm2(x), context=context, context_mask=context_mask)
-        x = gated_residual(x, gate_mlp, self.mlp(modulated_layer_norm(x, shift_mlp, scale_mlp)))
-        return x
+        h = per_frame(modulated_layer_norm, frames, (x,), (shift_mlp, scale_mlp))
+        return per_frame(_gated_residual, frames, (x, self.mlp(h)), (gate_mlp,))
+
+
+def _gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return gated_residual(x, gate, y)
 
 
 class FinalLayer(nn.Module):
@@ -217,9 +281,9 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden_size, 2 * cfg.hidden_size))
         self.linear = nn.Linear(cfg.hidden_size, cfg.patch_volume * cfg.in_channels)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, frames: FrameSpan) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulated_layer_norm(x, shift, scale))
+        return self.linear(per_frame(modulated_layer_norm, frames, (x,), (shift, scale)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,6 +302,7 @@ class VideoDiT(nn.Module):
         # attends to it alone, which is the unconditional model of classifier-free guidance.
         self.null_text = nn.Parameter(torch.empty(1, 1, d))
         self.rope = RotaryEmbedding3D(cfg.head_dim, cfg.rope_theta)
+        self.frames = TokenFrames()
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg)
         self.init_weights()
@@ -284,17 +349,20 @@ class VideoDiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """Predict the diffusion target for noised latents.
 
-        x: (B, C, T, h, w) noised latents; t: (B,) timestep in [0, 1000];
+        x: (B, C, T, h, w) noised latents; t: timestep in [0, 1000], (B,) one per sample or
+        (B, T') one per latent frame after patching (T' = ceil(T / p_t));
         text: (B, L, text_dim) text-encoder states; text_mask: (B, L) bool, True for real tokens.
         Returns (B, C, T, h, w).
         """
         b, _, t_len, h, w = x.shape
         grid = self.cfg.grid((t_len, h, w))
+        assert t.dim() == 1 or t.shape[1] == grid[0], f"per-frame t has {t.shape[1]} frames, the patch grid {grid[0]}"
         tokens = self.x_embedder(self.patchify(x))  # (B, N, D)
-        c = self.t_embedder(t)  # (B, D)
+        c = self.t_embedder(t.flatten()).unflatten(0, t.shape)  # (B, D) or (B, T', D)
         context = torch.cat([self.null_text.expand(b, -1, -1), self.text_embedder(text)], dim=1)  # (B, 1+L, D)
         context_mask = torch.cat([text_mask.new_ones(b, 1), text_mask], dim=1)  # (B, 1+L)
         rope = self.rope(grid, x.device)  # (N, Dh/2) each
+        frames = self.frames(grid)
         for block in self.blocks:
-            tokens = block(tokens, c, context, context_mask, rope)
-        return self.unpatchify(self.final_layer(tokens, c), (t_len, h, w))
+            tokens = block(tokens, c, context, context_mask, rope, frames)
+        return self.unpatchify(self.final_layer(tokens, c, frames), (t_len, h, w))

@@ -33,27 +33,30 @@ def count_parameters(cfg: DiTConfig) -> int:
     )
 
 
-def forward_flops(cfg: DiTConfig, latent_shape: tuple[int, int, int], text_len: int) -> int:
-    """Matmul FLOPs of one forward pass of one sample of latent (T, h, w) and text_len tokens."""
+def forward_flops(cfg: DiTConfig, latent_shape: tuple[int, int, int], text_len: int, per_frame_t: bool = False) -> int:
+    """Matmul FLOPs of one forward pass of one sample of latent (T, h, w) and text_len tokens.
+    With ``per_frame_t`` (a timestep per latent frame) the timestep MLP and the adaLN
+    modulation run once per patch frame instead of once per sample."""
     d, m, p_c = cfg.hidden_size, cfg.mlp_hidden, cfg.patch_volume * cfg.in_channels
     n, ctx = cfg.num_tokens(latent_shape), text_len + 1  # +1: the null text token
+    conditions = cfg.grid(latent_shape)[0] if per_frame_t else 1
     per_block = (
         2 * n * 4 * d * d  # self-attention q, k, v, out projections
         + 4 * n * n * d  # q k^T and attention @ v
         + 2 * n * 2 * d * d + 2 * ctx * 2 * d * d  # cross-attention q/out and k/v projections
         + 4 * n * ctx * d  # cross-attention scores and values
         + 2 * n * 2 * d * m  # MLP
-        + 2 * d * 6 * d  # adaLN modulation (once per sample)
+        + conditions * 2 * d * 6 * d  # adaLN modulation (once per sample or per frame)
     )
     return (
         2 * n * p_c * d
-        + 2 * (TIMESTEP_FREQ_DIM * d + d * d)
+        + conditions * 2 * (TIMESTEP_FREQ_DIM * d + d * d)
         + 2 * text_len * (cfg.text_dim * d + d * d)
         + cfg.depth * per_block
-        + 2 * d * 2 * d + 2 * n * d * p_c
+        + conditions * 2 * d * 2 * d + 2 * n * d * p_c
     )
 
 
-def train_flops(cfg: DiTConfig, latent_shape: tuple[int, int, int], text_len: int) -> int:
+def train_flops(cfg: DiTConfig, latent_shape: tuple[int, int, int], text_len: int, per_frame_t: bool = False) -> int:
     """Model FLOPs of one training sample: forward plus backward (2x forward)."""
-    return 3 * forward_flops(cfg, latent_shape, text_len)
+    return 3 * forward_flops(cfg, latent_shape, text_len, per_frame_t)

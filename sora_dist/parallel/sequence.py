@@ -2,7 +2,8 @@
 
 The plan is declarative and lives outside the model (diffusers' pattern):
 - after ``x_embedder`` and ``rope``: pad the token axis to a multiple of the SP degree and keep
-  this rank's contiguous slice;
+  this rank's contiguous slice; after ``frames``: the span of that slice, so that per-frame
+  timestep modulation reaches each of this rank's tokens from its own frame;
 - every self-attention ``core``: Ulysses all-to-all (sequence-sharded -> head-sharded and back)
   within ``sp_ulysses``, and ring attention across ``sp_ring``, both on the active backend's
   fused kernels, with padded keys (a suffix of the sequence) sliced off;
@@ -18,7 +19,7 @@ average back into a sum over the SP group.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -155,11 +156,15 @@ def apply_sequence_parallel(model: nn.Module, sp_rank: int, sp_group, ulysses_gr
     def split_rope(module, args, angles):  # (N, Dh/2) each -> (N_local, Dh/2)
         return tuple(shards.local_slice(a, dim=0) for a in angles)
 
+    def split_frames(module, args, span):  # the whole sequence's FrameSpan -> this rank's tokens
+        return replace(span, first=shards.sp_rank * shards.local_tokens, count=shards.local_tokens)
+
     def gather_tokens(module, args, out):  # (B, N_local, P*C) -> (B, N, P*C)
         return _GatherTokens.apply(out, sp_group, sp_rank)[:, : shards.num_tokens]
 
     model.x_embedder.register_forward_hook(split_tokens)
     model.rope.register_forward_hook(split_rope)
+    model.frames.register_forward_hook(split_frames)
     model.final_layer.register_forward_hook(gather_tokens)
     for block in model.blocks:
         block.attn.core = SequenceParallelAttention(shards, ulysses_group, ring_group)

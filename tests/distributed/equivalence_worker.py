@@ -1,6 +1,7 @@
 """Run by torchrun from test_equivalence.py: for each parallel layout, two SGD steps of a tiny DiT
-on a video batch, an image batch and a batch whose token count does not divide the SP degree,
-compared with a single-process run of the same model and batches on every rank.
+on a video batch, an image batch and a batch whose token count does not divide the SP degree
+and whose timesteps differ per latent frame (so SP ranks hold parts of frames), compared with a
+single-process run of the same model and batches on every rank.
 
 Writes {layout: {batch: {"loss": .., "grad": .., "param": .., "norm": ..}}} (max relative errors)
 to the JSON path given as the first argument (rank 0).
@@ -30,7 +31,8 @@ from sora_dist.parallel import (
 CFG = DiTConfig(in_channels=4, text_dim=16, hidden_size=64, depth=2, num_heads=4, patch_size=(1, 2, 2))
 GLOBAL_BATCH = 4
 LR, CLIP = 0.5, 0.05
-BATCHES = {"video": (2, 8, 8), "image": (1, 6, 10), "odd": (3, 6, 6)}  # 32, 15 and 27 tokens
+# name: (latent shape, one timestep per frame); 32, 15 and 27 tokens
+BATCHES = {"video": ((2, 8, 8), False), "image": ((1, 6, 10), False), "odd_per_frame_t": ((3, 6, 6), True)}
 
 LAYOUTS = {
     2: {
@@ -62,10 +64,10 @@ LAYOUTS = {
 }
 
 
-def make_batch(shape, seed):
+def make_batch(shape, seed, per_frame_t=False):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(GLOBAL_BATCH, 4, *shape, generator=g)
-    t = torch.rand(GLOBAL_BATCH, generator=g) * 1000
+    t = torch.rand(GLOBAL_BATCH, *CFG.grid(shape)[:1] if per_frame_t else (), generator=g) * 1000
     text = torch.randn(GLOBAL_BATCH, 5, 16, generator=g)
     mask = torch.ones(GLOBAL_BATCH, 5, dtype=torch.bool)
     mask[1, 2:] = False
@@ -167,7 +169,7 @@ def sharded_bytes(world_size):
     total_params = local_bytes(model.parameters())
     apply_fsdp(model, mesh, dims, None, True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x, t, text, mask, target = make_batch(BATCHES["video"], 0)
+    x, t, text, mask, target = make_batch(BATCHES["video"][0], 0)
     F.mse_loss(model(x[:1], t[:1], text[:1], mask[:1]), target[:1]).backward()
     opt.step()
     states = [v for state in opt.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
@@ -191,8 +193,8 @@ def main():
         if only and name not in only:
             continue
         results[name] = {}
-        for kind, shape in BATCHES.items():
-            batches = [make_batch(shape, seed) for seed in (1, 2)]
+        for kind, (shape, per_frame_t) in BATCHES.items():
+            batches = [make_batch(shape, seed, per_frame_t) for seed in (1, 2)]
             ref_losses, ref_grads, ref_norms, ref_params = reference_run(state, batches)
             try:
                 losses, grads, norms, params = parallel_run(layout, state, batches, world_size)

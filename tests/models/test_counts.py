@@ -23,13 +23,15 @@ def test_parameter_formula_matches_module_and_nominal_size(preset):
     assert low <= actual <= high, f"{preset}: {actual / 1e6:.1f}M parameters"
 
 
+@pytest.mark.parametrize("per_frame_t", [False, True], ids=["t-per-sample", "t-per-frame"])
 @pytest.mark.parametrize("shape", [(1, 16, 16), (5, 12, 20), (8, 10, 10)])
 @pytest.mark.parametrize("patch_size", [(1, 2, 2), (2, 2, 2)])
-def test_flop_formula_matches_measured_count(shape, patch_size):
+def test_flop_formula_matches_measured_count(shape, patch_size, per_frame_t):
     cfg = resolve_model_config(ModelConfig(preset="debug", patch_size=patch_size), in_channels=4, text_dim=32)
     model = VideoDiT(cfg)
     batch, text_len = 2, 7
-    args = (torch.randn(batch, 4, *shape), torch.rand(batch) * 1000, torch.randn(batch, text_len, 32), torch.ones(batch, text_len, dtype=torch.bool))
+    t = torch.rand(batch, cfg.grid(shape)[0]) if per_frame_t else torch.rand(batch)
+    args = (torch.randn(batch, 4, *shape), t * 1000, torch.randn(batch, text_len, 32), torch.ones(batch, text_len, dtype=torch.bool))
     # The FLOP counter does not see CPU SDPA's fused kernel; the reference backend is plain matmuls.
     set_attention_backend("reference")
     try:
@@ -39,7 +41,7 @@ def test_flop_formula_matches_measured_count(shape, patch_size):
             out.sum().backward()
     finally:
         set_attention_backend("sdpa")
-    assert forward.get_total_flops() == batch * forward_flops(cfg, shape, text_len)
+    assert forward.get_total_flops() == batch * forward_flops(cfg, shape, text_len, per_frame_t)
     # Backward costs about two forwards (the first layer's input gradient is not needed).
     measured_train = forward.get_total_flops() + backward.get_total_flops()
-    assert measured_train == pytest.approx(batch * train_flops(cfg, shape, text_len), rel=0.05)
+    assert measured_train == pytest.approx(batch * train_flops(cfg, shape, text_len, per_frame_t), rel=0.05)

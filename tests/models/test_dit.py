@@ -155,3 +155,40 @@ def test_meta_build_then_init_is_deterministic():
         torch.testing.assert_close(first[name], again[name], msg=name)
     assert not torch.equal(first["blocks.0.attn.to_q.weight"], other["blocks.0.attn.to_q.weight"])
     assert torch.count_nonzero(first["final_layer.linear.weight"]) == 0  # adaLN-Zero init applied
+
+
+@pytest.mark.parametrize("shape, patch_size", [((5, 12, 20), (1, 2, 2)), ((5, 8, 8), (2, 2, 2)), ((1, 16, 16), (1, 2, 2))])
+def test_the_same_timestep_on_every_frame_equals_one_per_sample(shape, patch_size):
+    model = tiny(patch_size)
+    x, t, text, mask = inputs(2, shape)
+    frames = model.cfg.grid(shape)[0]
+    # Equal up to fp32 rounding (seen: 1.7e-6): the modulation matmul runs over B*T' rows, not B.
+    torch.testing.assert_close(model(x, t[:, None].expand(-1, frames), text, mask), model(x, t, text, mask), rtol=1e-5, atol=1e-5)
+
+
+def per_token_reference(op, span, tokens, mods):
+    """op on modulation materialized for every token (the plain way): token i of the span gets
+    the modulation of frame min((first + i) // S, T' - 1)."""
+    index = torch.clamp((span.first + torch.arange(span.count)) // span.frame_tokens, max=span.num_frames - 1)
+    per_token = [m[:, index] for m in mods]  # (B, n, D)
+    return op(*tokens, *per_token)
+
+
+@pytest.mark.parametrize("first, count", [(0, 24), (0, 12), (6, 12), (3, 5), (10, 14), (20, 8), (4, 20)])
+def test_per_frame_modulation_equals_broadcasting_to_every_token(first, count):
+    from sora_dist.kernels.fused import reference_modulated_layer_norm
+    from sora_dist.models.dit import FrameSpan, per_frame
+
+    span = FrameSpan(first=first, count=count, frame_tokens=6, num_frames=4)  # 24 tokens; 20+8 pads
+    runs = span.segments()
+    assert sum(tokens for _, _, tokens in runs) == count and runs[0][0] == min(first // 6, 3)
+    g = torch.Generator().manual_seed(first * 100 + count)
+    x = torch.randn(2, count, 8, generator=g)
+    shift, scale = torch.randn(2, 4, 8, generator=g), torch.randn(2, 4, 8, generator=g)
+
+    def op(x, shift, scale):  # per-token reference accepts (B, n, D) modulation
+        if shift.dim() == 2:
+            return reference_modulated_layer_norm(x, shift, scale)
+        return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale) + shift
+
+    torch.testing.assert_close(per_frame(op, span, (x,), (shift, scale)), per_token_reference(op, span, (x,), (shift, scale)))
