@@ -5,24 +5,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 from pathlib import Path
 
 from sora_dist.config import describe_keys
-from sora_dist.errors import SoraDistError
+from sora_dist.console import run_command
 
 log = logging.getLogger("sora_dist")
-
-
-def setup_logging() -> None:
-    """INFO on rank 0, warnings only on the other ranks."""
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"[%(asctime)s rank{rank}] %(message)s",
-        datefmt="%H:%M:%S",
-    )
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -35,47 +24,6 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
             "done: %d steps in %.0f s; loss %.4f (first tenth) -> %.4f (last tenth)",
             summary["steps"], summary["seconds"], summary["first_loss"], summary["last_loss"],
         )
-
-
-def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> None:
-    from sora_dist import device as device_lib
-    from sora_dist.build import autocast_dtype
-    from sora_dist.config import load_config
-    from sora_dist.data import LatentLoader
-    from sora_dist.diffusion import build_objective
-    from sora_dist.sampling import caption_embedding, generate, load_for_sampling
-    from sora_dist.visualize import save_frame_grid
-
-    source = Path(args.run)
-    dev = device_lib.detect(load_config(_run_config(source), overrides).parallel.device)
-    saved_cfg, model, weights = load_for_sampling(source, args.raw, dev)
-    cfg = load_config(_run_config(source), overrides) if overrides else saved_cfg
-    log.info("sampling with %s", weights)
-    loader = LatentLoader(cfg.data, cfg.model.patch_size)
-    objective = build_objective(cfg.diffusion, model.cfg.patch_size)
-    caption, text = caption_embedding(loader.manifest, loader, args.caption or cfg.train.sample_caption)
-    latents = generate(cfg, model, objective, text, args.num, args.seed, dev, autocast_dtype(cfg, dev))
-    out = Path(args.out or (source if source.is_dir() else source.parent) / "sample_cli.png")
-    save_frame_grid(list(latents), [f"{caption}\n(seed {args.seed}, #{i})" for i in range(len(latents))], out)
-    log.info("sampled %d clips of %r -> %s", len(latents), caption, out)
-    if args.vae:
-        from sora_dist.data.decode import decode_to_file
-        from sora_dist.data.encoders import VideoVAE
-
-        vae = VideoVAE(args.vae, args.vae_subfolder, dev.torch_device)
-        for i, latent in enumerate(latents):
-            path, shape = decode_to_file(vae, latent, out.with_name(f"{out.stem}_{i}{args.video_format}"), args.fps)
-            log.info("decoded clip %d: %d frames of %dx%d -> %s", i, shape[0], shape[2], shape[1], path)
-
-
-def _run_config(source: Path) -> Path:
-    """config.yaml of a run folder or a checkpoint folder."""
-    from sora_dist.checkpoint import newest_complete
-
-    if (source / "config.yaml").is_file():
-        return source / "config.yaml"
-    newest = newest_complete(source / "checkpoints")
-    return (newest or source) / "config.yaml"
 
 
 def cmd_make_synthetic(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -174,6 +122,7 @@ def cmd_plot(args: argparse.Namespace, overrides: list[str]) -> None:
 
 # Commands with their own argument parsers: modules that also run under torchrun (python -m ...).
 MODULE_COMMANDS = {
+    "sample": "sora_dist.sample",
     "gpu-proof": "sora_dist.perf.gpu_proof",
     "bench-train": "sora_dist.perf.bench_train",
     "bench-kernels": "sora_dist.perf.bench_kernels",
@@ -201,18 +150,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML experiment file, e.g. configs/demo.yaml")
     p.set_defaults(func=cmd_train, overrides_allowed=True)
 
-    p = sub.add_parser("sample", help="sample clips from a run or a checkpoint and save a PNG grid of their frames")
-    p.add_argument("--run", required=True, help="a run folder (train.out_dir: its final weights, else its newest checkpoint) or a checkpoint folder (RUN/checkpoints/step-N)")
-    p.add_argument("--caption", default="", help="caption to sample (default: the run's train.sample_caption, else the dataset's first)")
-    p.add_argument("--num", type=int, default=2, help="clips to sample")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--out", default="", help="PNG path (default: RUN/sample_cli.png)")
-    p.add_argument("--vae", default="", help="also decode the clips with this diffusers VAE (the dataset's) into videos beside the PNG")
-    p.add_argument("--vae-subfolder", default="")
-    p.add_argument("--video-format", default=".mp4", choices=[".mp4", ".gif"])
-    p.add_argument("--fps", type=float, default=8.0, help="frame rate of the decoded videos")
-    p.set_defaults(func=cmd_sample, overrides_allowed=True)
 
     p = sub.add_parser("make-synthetic", help="write a synthetic dataset of moving coloured blobs")
     p.add_argument("--out", required=True)
@@ -254,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export, overrides_allowed=False)
 
     sub.add_parser("gpu-proof", help="prove a GPU machine: GPU tests, demo in bf16, bench-train/kernels/loader; writes JSON + markdown (see --help)")
+    sub.add_parser("sample", help="sample a run: text-to-video/-image, image-to-video, extend, connect, edit; under torchrun with SP / CFG-parallel (see --help)")
     sub.add_parser("bench-train", help="step time, tokens/s, MFU and memory of a preset and layout (see --help)")
     sub.add_parser("bench-kernels", help="attention TFLOP/s, fused kernels' GB/s, step time with fused kernels on/off")
     sub.add_parser("bench-checkpoint", help="time checkpoint save/load and async vs blocking overhead (see --help)")
@@ -289,13 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and not args.overrides_allowed:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    setup_logging()
-    try:
-        args.func(args, extra)
-    except SoraDistError as err:
-        log.error("%s: %s", type(err).__name__, err)
-        return 2
-    return 0
+    return run_command(lambda: args.func(args, extra))
 
 
 if __name__ == "__main__":

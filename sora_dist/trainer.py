@@ -276,11 +276,11 @@ def _finish(cfg, model_cfg, weights, ema_weights, objective, loader, history, ou
             save_file(ema_weights, str(out_dir / "ema.safetensors"))
         log.info("saved final weights to %s", out_dir)
     if cfg.train.sample_at_end:
-        from sora_dist.sampling import sample_report
+        from sora_dist.sample import sample_report
 
         single = VideoDiT(model_cfg).to(dev.torch_device)
         single.load_state_dict(ema_weights if ema_weights is not None else weights)
-        sample_report(cfg, single, objective, loader, history, out_dir, dev)
+        sample_report(cfg, single, objective, loader.manifest, history, out_dir, dev)
 
 
 def _global_sums(values: list[float], dims, device) -> list[float]:

@@ -185,10 +185,10 @@ def test_sample_reads_a_checkpoint_folder_and_a_run_without_final_weights(uninte
     partial = tmp_path / "partial"
     shutil.copytree(uninterrupted, partial, ignore=shutil.ignore_patterns("*.safetensors"))
     for source, expected in ((uninterrupted / "checkpoints" / "step-8", "step-8 (ema weights)"), (partial, "step-16 (ema weights)")):
-        target = tmp_path / f"{source.name}.png"
+        target = tmp_path / source.name
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="sora_dist"):
-            code = main(["sample", "--run", str(source), "--num", "1", "--out", str(target), "--diffusion.sample_steps=4"])
-        assert code == 0 and target.stat().st_size > 1000
+            code = main(["sample", "--from", str(source), "--samples", "1", "--out", str(target), "--diffusion.sample_steps=4"])
+        assert code == 0 and (target / "frames.png").stat().st_size > 1000
         assert expected in caplog.text
         assert "sampling 1 x (8, 16, 16): 4/4 (100%)" in caplog.text and "ETA" in caplog.text

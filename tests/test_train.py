@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -60,9 +61,10 @@ def test_run_folder_holds_config_weights_and_pictures(finished_run):
 
 def test_sample_command_reads_a_finished_run(finished_run, tmp_path):
     _, out, _ = finished_run
-    target = tmp_path / "clip.png"
-    code = main(["sample", "--run", str(out), "--caption", "a small blue blob moving left", "--num", "1", "--out", str(target), "--diffusion.sample_steps=2"])
-    assert code == 0 and target.stat().st_size > 1000
+    target = tmp_path / "clip"
+    code = main(["sample", "--from", str(out), "--prompt", "a small blue blob moving left", "--samples", "1", "--out", str(target), "--diffusion.sample_steps=2"])
+    assert code == 0 and (target / "frames.png").stat().st_size > 1000
+    assert np.load(target / "latents.npy").shape[:2] == (1, 4)
 
 
 def test_non_finite_loss_stops_with_a_diagnosis(synthetic_dir, tmp_path, monkeypatch):

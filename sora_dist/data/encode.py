@@ -152,7 +152,7 @@ class Encoder:
         record = {
             "chunk": chunk, "shard": shard.name if kept else None, "samples": kept, "shapes": dict(shapes),
             "latent_channels": dims[0] if dims else None, "text_dim": dims[1] if dims else None,
-            "manifest_fields": {**self.vae.manifest_fields(), "text_encoder": self.cfg.text_encoder}, "skipped": skipped,
+            "manifest_fields": {**self.vae.manifest_fields(), **self.text.manifest_fields()}, "skipped": skipped,
         }
         path = _record_path(state, chunk)
         path.with_suffix(".tmp").write_text(json.dumps(record))

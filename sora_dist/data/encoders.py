@@ -42,7 +42,7 @@ class VideoVAE:
         require_extra("encode")
         from diffusers import AutoModel
 
-        self.name, self.device, self.dtype = name, device, dtype
+        self.name, self.subfolder, self.device, self.dtype = name, subfolder, device, dtype
         try:
             model = AutoModel.from_pretrained(name, subfolder=subfolder or None, torch_dtype=dtype)
         except (OSError, ValueError) as err:
@@ -64,7 +64,7 @@ class VideoVAE:
 
     def manifest_fields(self) -> dict[str, Any]:
         return {
-            "vae": self.name, "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor,
+            "vae": self.name, "vae_subfolder": self.subfolder, "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor,
             "latents_mean": self.latents_mean, "latents_std": self.latents_std,
             "compression": {"temporal": self.temporal, "spatial": self.spatial},
         }
@@ -128,6 +128,7 @@ class TextEncoder:
         import transformers
 
         self.name, self.max_length, self.device = name, max_length, device
+        self.subfolder, self.tokenizer_subfolder = subfolder, tokenizer_subfolder
         try:
             config = transformers.AutoConfig.from_pretrained(name, subfolder=subfolder)
             model_class = getattr(transformers, TEXT_ENCODERS.get(config.model_type, "AutoModel"))
@@ -136,6 +137,10 @@ class TextEncoder:
         except (OSError, ValueError) as err:
             raise ConfigError(f"encode.text_encoder={name!r} (subfolder {subfolder!r}) could not be loaded: {err}") from err
         self.model = self.model.to(device).eval().requires_grad_(False)
+
+    def manifest_fields(self) -> dict[str, Any]:
+        return {"text_encoder": self.name, "text_encoder_subfolder": self.subfolder,
+                "tokenizer_subfolder": self.tokenizer_subfolder, "max_text_length": self.max_length}
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> list[tuple[np.ndarray, Optional[np.ndarray]]]:

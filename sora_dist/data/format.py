@@ -51,8 +51,16 @@ class Manifest:
     """Per-channel std the latents were divided by, with ``latents_mean``; empty if none."""
     vae: str = ""
     """Name or path of the VAE that encoded the latents."""
+    vae_subfolder: str = ""
+    """Subfolder of ``vae`` holding it (e.g. 'vae' inside a pipeline repository)."""
     text_encoder: str = ""
-    """Name or path of the text encoder."""
+    """Name or path of the text encoder; ``sora-dist sample --prompt`` loads it from here."""
+    text_encoder_subfolder: str = ""
+    """Subfolder of ``text_encoder`` holding the model."""
+    tokenizer_subfolder: str = ""
+    """Subfolder holding the tokenizer; empty means the model's."""
+    max_text_length: int = 0
+    """Captions were truncated to this many tokens; 0 where the writer did not say."""
     compression: dict[str, int] = field(default_factory=lambda: {"temporal": 1, "spatial": 1})
     """Pixel-to-latent compression of the VAE."""
     format_version: int = FORMAT_VERSION

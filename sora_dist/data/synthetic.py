@@ -2,7 +2,8 @@
 across the frame, with captions that say which colour, size and direction.
 
 Images (T = 1) and clips of several durations, sizes and aspect ratios are mixed, like a real
-video dataset. Channels 0-2 of a latent hold the blob's colour (shown as RGB by
+video dataset. Two colour-direction pairs never occur (``HELD_OUT``), so that a prompt naming one
+tests whether the model composes words it saw only apart. Channels 0-2 of a latent hold the blob's colour (shown as RGB by
 ``sora_dist.visualize``), channel 3 its brightness. Text embeddings are a fixed random vector per
 word (a stand-in text encoder), so captions are deterministic and compositional.
 """
@@ -34,6 +35,7 @@ SHAPES = ((1, 16, 16), (1, 12, 20), (1, 20, 12), (8, 16, 16), (8, 12, 20), (4, 1
 TEXT_DIM = 32
 LATENT_CHANNELS = 4
 VOCAB = ["a", "blob", "moving", "still", *SIZES, *COLORS, *DIRECTIONS]
+HELD_OUT = {("red", "left"), ("cyan", "down")}  # (colour, direction) pairs no sample has
 
 
 def _word_table() -> np.ndarray:
@@ -91,6 +93,8 @@ def make_synthetic(out_dir: str | Path, num_samples: int = 768, seed: int = 0, s
             color = list(COLORS)[rng.integers(len(COLORS))]
             size = list(SIZES)[rng.integers(len(SIZES))]
             direction = None if shape[0] == 1 else list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
+            while (color, direction) in HELD_OUT:
+                direction = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
             caption = caption_for(color, size, direction)
             meta = {
                 "caption": caption,

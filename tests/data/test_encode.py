@@ -251,13 +251,12 @@ def test_two_ranks_write_the_same_dataset_and_it_trains(inputs, models, encoded,
     # The sampler decodes its latents with the dataset's VAE: a [4, 8, 8] latent -> 4 frames of 16x16.
     from sora_dist.cli import main
 
-    sample_png = tmp_path / "sample.png"
-    assert main(["sample", "--run", str(tmp_path / "run"), "--caption", CAPTIONS[0], "--num", "1", "--out", str(sample_png),
-                 "--vae", str(models / "image_vae"), "--video-format", ".gif", "--train.sample_shape=[4,8,8]",
-                 "--diffusion.sample_steps=2"]) == 0
+    samples = tmp_path / "samples"
+    assert main(["sample", "--from", str(tmp_path / "run"), "--prompt", CAPTIONS[0], "--samples", "1", "--out", str(samples),
+                 "--video-format", ".gif", "--train.sample_shape=[4,8,8]", "--diffusion.sample_steps=2"]) == 0
     from PIL import Image
 
-    with Image.open(tmp_path / "sample_0.gif") as gif:
+    with Image.open(samples / "sample-0.gif") as gif:
         assert (gif.n_frames, gif.size) == (4, (16, 16))
 
 

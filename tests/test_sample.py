@@ -1,0 +1,123 @@
+"""``sora-dist sample``: every application through the command line on a short run trained with
+the mask strategy, the given frames held exactly, seeds, clear errors for bad input, and
+``torchrun -m sora_dist.sample`` with CFG-parallel equal to one process."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sora_dist.cli import main
+from sora_dist.data.synthetic import render
+from tests.test_train import short_config
+from sora_dist import trainer
+
+PROMPT = "a large red blob moving right"
+
+
+@pytest.fixture(scope="module")
+def run(synthetic_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("apps")
+    trainer.train(short_config(synthetic_dir, out, "--train.steps=10", "--train.sample_at_end=false"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inputs")
+    clip = render("red", "small", "right", (6, 8, 8), np.random.default_rng(0)).astype(np.float32)
+    paths = {"clip": clip, "first": clip[:, 0], "head": clip[:, :2], "tail": clip[:, 4:], "wide": np.zeros((4, 2, 8, 12), np.float32),
+             "rgb": np.zeros((3, 1, 8, 8), np.float32)}
+    for name, array in paths.items():
+        np.save(folder / f"{name}.npy", array)
+    return {name: str(folder / f"{name}.npy") for name in paths}, clip
+
+
+def sample(run, out, *args):
+    code = main(["sample", "--from", str(run), "--prompt", PROMPT, "--samples", "2", "--out", str(out), "--diffusion.sample_steps=3", *args])
+    return code, (np.load(out / "latents.npy") if code == 0 else None)
+
+
+def test_applications_hold_their_given_frames(run, clips, tmp_path):
+    paths, clip = clips
+    _, i2v = sample(run, tmp_path / "i2v", "--image", paths["first"], "--frames", "4")
+    assert i2v.shape == (2, 4, 4, 8, 8) and np.array_equal(i2v[:, :, 0], np.broadcast_to(clip[:, 0], (2, 4, 8, 8)))
+    _, forward = sample(run, tmp_path / "fwd", "--extend", paths["clip"], "--context", "3", "--frames", "2")
+    assert forward.shape[2] == 5 and np.array_equal(forward[0, :, :3], clip[:, 3:])
+    _, backward = sample(run, tmp_path / "bwd", "--extend", paths["clip"], "--direction", "backward", "--context", "2", "--frames", "3")
+    assert backward.shape[2] == 5 and np.array_equal(backward[1, :, 3:], clip[:, :2])
+    _, connect = sample(run, tmp_path / "con", "--connect", paths["head"], paths["tail"], "--frames", "2")
+    assert connect.shape[2] == 6 and np.array_equal(connect[0, :, :2], clip[:, :2]) and np.array_equal(connect[0, :, 4:], clip[:, 4:])
+    _, image = sample(run, tmp_path / "t2i", "--frames", "1", "--size", "6", "10")
+    assert image.shape == (2, 4, 1, 6, 10)
+    assert (tmp_path / "t2i" / "frames.png").stat().st_size > 1000 and (tmp_path / "con" / "request.json").is_file()
+
+
+def test_edit_stays_closer_to_its_clip_the_lower_the_strength(run, clips, tmp_path):
+    paths, clip = clips
+    distance = {}
+    for strength in ("0.2", "1.0"):
+        _, edited = sample(run, tmp_path / strength, "--edit", paths["clip"], "--strength", strength)
+        assert edited.shape == (2, *clip.shape)
+        distance[strength] = np.abs(edited - clip).mean()
+    assert distance["0.2"] < 0.5 * distance["1.0"]
+
+
+def test_the_same_seed_gives_the_same_clip(run, tmp_path):
+    a, b, c = (sample(run, tmp_path / name, "--seed", seed)[1] for name, seed in (("a", "4"), ("b", "4"), ("c", "5")))
+    assert np.array_equal(a, b) and not np.allclose(a, c)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--text-encoder", "/nonexistent/t5"], "could not be loaded.*--text-encoder"),
+    (["--extend", "CLIP", "--context", "9"], "has 6 latent frames; 9 are needed"),
+    (["--image", "RGB"], "shape \\[3, 1, 8, 8\\]; the model takes latents of 4 channels"),
+    (["--connect", "HEAD", "WIDE"], "--connect clips differ in size"),
+    (["--edit", "CLIP", "--strength", "1.5"], "must be in \\(0, 1\\]"),
+    (["--edit", "CLIP", "--image", "FIRST"], "one application at a time"),
+    (["--image", "/nonexistent/first.png"], "no VAE to encode media with"),
+])
+def test_bad_input_gets_a_clear_message(run, clips, tmp_path, caplog, args, message):
+    paths, _ = clips
+    args = [paths.get(a.lower(), a) for a in args]
+    assert sample(run, tmp_path / "out", *args)[0] == 2
+    assert caplog.records and __import__("re").search(message, caplog.records[-1].getMessage()), caplog.text
+
+
+def test_help_documents_every_application(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--prompt", "--image", "--extend", "--direction", "--connect", "--edit", "--strength", "--frames 1", "--text-encoder",
+                 "--cfg-parallel", "--sp-ulysses", "--sp-ring"):
+        assert flag in text, flag
+
+
+def test_no_flag_is_taken_by_torchrun():
+    """torchrun's parser accepts abbreviations of its options anywhere on the line, so a sample
+    flag that begins one of them (--run, --num) never reaches the script."""
+    import argparse
+
+    from torch.distributed.run import get_args_parser
+
+    from sora_dist.sample import add_arguments
+
+    torchrun = [o for action in get_args_parser()._actions for o in action.option_strings if o.startswith("--") and o != "--help"]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    ours = [o for action in parser._actions for o in action.option_strings if o.startswith("--") and o != "--help"]
+    assert not [(o, t) for o in ours for t in torchrun if t.startswith(o)]
+
+
+def test_torchrun_cfg_parallel_sample_equals_one_process(run, tmp_path):
+    args = ["--from", str(run), "--prompt", "a small blue blob moving left", "--samples", "2", "--frames", "2", "--seed", "3",
+            "--diffusion.sample_steps=3", "--guidance", "2.0"]
+    assert main(["sample", *args, "--out", str(tmp_path / "one")]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "sora_dist.sample", *args,
+           "--out", str(tmp_path / "two"), "--cfg-parallel"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    one, two = (np.load(tmp_path / name / "latents.npy") for name in ("one", "two"))
+    np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-5)
