@@ -142,7 +142,7 @@ class Request:
     shape: tuple[int, int, int]
     """Latent (T, h, w)."""
     given_latents: Optional[torch.Tensor] = None
-    """(C, T, h, w) clean latents, read on the given frames only."""
+    """(C, T, h, w) clean latents, read on the given frames only; or (N, C, T, h, w), one per sample."""
     given_frames: Optional[torch.Tensor] = None
     """(T,) bool: the given latent frames."""
     init: Optional[torch.Tensor] = None
@@ -159,8 +159,15 @@ class Request:
             raise ConfigError(f"with model.patch_size[0]={patch_t}, given frames must fill whole patches of {patch_t} latent frames: "
                               f"use --frames and --context that are multiples of {patch_t}")
         given = per_patch.all(1)[None].expand(num, -1).to(device)
-        latents = self.given_latents[None].expand(num, -1, -1, -1, -1).to(device)
-        return FrameCondition(latents, given, patch_t)
+        return FrameCondition(per_sample(self.given_latents, num).to(device), given, patch_t)
+
+
+def per_sample(latents: torch.Tensor, num: int) -> torch.Tensor:
+    """(C, T, h, w) shared by ``num`` samples, or (num, C, T, h, w) already one each."""
+    if latents.dim() == 5:
+        assert latents.shape[0] == num, f"{latents.shape[0]} given clips for {num} samples"
+        return latents
+    return latents[None].expand(num, -1, -1, -1, -1)
 
 
 def _placed(pieces: list[tuple[int, torch.Tensor]], frames: int) -> tuple[torch.Tensor, torch.Tensor]:

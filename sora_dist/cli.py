@@ -123,6 +123,7 @@ def cmd_plot(args: argparse.Namespace, overrides: list[str]) -> None:
 # Commands with their own argument parsers: modules that also run under torchrun (python -m ...).
 MODULE_COMMANDS = {
     "sample": "sora_dist.sample",
+    "eval-blobs": "sora_dist.evaluate",
     "gpu-proof": "sora_dist.perf.gpu_proof",
     "bench-train": "sora_dist.perf.bench_train",
     "bench-kernels": "sora_dist.perf.bench_kernels",
@@ -192,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("gpu-proof", help="prove a GPU machine: GPU tests, demo in bf16, bench-train/kernels/loader; writes JSON + markdown (see --help)")
     sub.add_parser("sample", help="sample a run: text-to-video/-image, image-to-video, extend, connect, edit; under torchrun with SP / CFG-parallel (see --help)")
+    sub.add_parser("eval-blobs", help="measure a blob-trained run's applications: direction, speed, colour, connecting (see --help)")
     sub.add_parser("bench-train", help="step time, tokens/s, MFU and memory of a preset and layout (see --help)")
     sub.add_parser("bench-kernels", help="attention TFLOP/s, fused kernels' GB/s, step time with fused kernels on/off")
     sub.add_parser("bench-checkpoint", help="time checkpoint save/load and async vs blocking overhead (see --help)")

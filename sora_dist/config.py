@@ -203,7 +203,11 @@ class TrainConfig:
     sample_caption: str = ""
     """Caption to sample at the end; empty takes the first caption of the dataset."""
     sample_shape: tuple[int, int, int] = (8, 16, 16)
-    """Latent (T, h, w) of the clip sampled at the end."""
+    """Latent (T, h, w) of the clips sampled at the end and every sample_every steps."""
+    sample_every: int = 0
+    """Every this many steps, sample sample_prompts and one image-to-video case (the first video of the dataset) with the EMA weights into out_dir/samples/step-N/ and TensorBoard; 0 turns it off."""
+    sample_prompts: list[str] = field(default_factory=list)
+    """Prompts sampled every sample_every steps, through the dataset's text encoder; empty takes sample_caption."""
 
 
 @dataclass
@@ -407,6 +411,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             choices = ", ".join(repr(a) for a in args)
             raise ConfigError(f"{key}={value!r} is not allowed: choose one of {choices}")
         return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list, e.g. [{_example(args)[0]!r}]")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}={value!r} must be a list of {len(args)} values, e.g. {list(_example(args))}")
@@ -534,6 +542,7 @@ def _validate_training(cfg: Config) -> None:
     t = cfg.train
     _require(t.steps >= 1, f"train.steps={t.steps} must be at least 1")
     _require(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be at least 1")
+    _require(t.sample_every >= 0, f"train.sample_every={t.sample_every} must be >= 0 (0 turns periodic samples off)")
     _require(all(s >= 1 for s in t.sample_shape), f"train.sample_shape={list(t.sample_shape)} must be positive")
     c = cfg.checkpoint
     _require(c.every_steps >= 0, f"checkpoint.every_steps={c.every_steps} must be >= 0 (0 disables)")

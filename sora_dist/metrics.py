@@ -81,6 +81,13 @@ class MetricsLogger:
             format_duration(elapsed), format_duration(eta),
         )
 
+    def image(self, tag: str, png: Path, step: int) -> None:
+        """A saved picture (e.g. a frame grid of samples) into TensorBoard."""
+        if self._tb is not None:
+            import matplotlib.image
+
+            self._tb.add_image(tag, matplotlib.image.imread(str(png))[..., :3], step, dataformats="HWC")
+
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sora_dist.applications import LATENT_ONLY_VAES, MediaInputs, Request, build_request, encode_prompt
+from sora_dist.applications import LATENT_ONLY_VAES, MediaInputs, Request, build_request, encode_prompt, per_sample
 from sora_dist.checkpoint import COMPLETE
 from sora_dist.config import Config, ParallelConfig, load_config
 from sora_dist.data.format import Manifest, read_manifest
@@ -161,7 +161,7 @@ def generate(cfg: Config, model, objective, text: np.ndarray, request: Request, 
     generator = torch.Generator(device=device).manual_seed(seed + 1)  # the DDPM sampler's per-step noise
     scale = cfg.diffusion.guidance_scale if guidance is None else guidance
     denoise = cfg_parallel(model, text_t, mask, scale, guidance_group) if guidance_group is not None else guided(model, text_t, mask, scale)
-    init = None if request.init is None else request.init[None].expand(num, -1, -1, -1, -1).to(device)
+    init = None if request.init is None else per_sample(request.init, num).to(device)
     with dev.autocast(autocast_dtype):
         latents = sample(objective, cfg.diffusion.sampler, denoise, noise, cfg.diffusion.sample_steps, generator,
                          progress=ProgressLine(f"sampling {num} x {tuple(shape[2:])}"),
@@ -270,6 +270,54 @@ def sample_report(cfg: Config, model, objective, manifest: Manifest, history: li
     if history:
         save_loss_plot([r["step"] for r in history], [r["loss"] for r in history], out_dir / "loss.png")
     log.info("sampled %r -> %s; loss curve -> %s", caption, out_dir / "sample.png", out_dir / "loss.png")
+
+
+def first_video_frame(root: str) -> Optional[tuple[str, torch.Tensor]]:
+    """The caption and first latent frame (C, 1, h, w) of the dataset's first video, if any."""
+    from sora_dist.data.decode import iter_samples
+
+    for found in iter_samples(root):
+        if found.latent.shape[1] > 1:
+            return found.meta.get("caption", ""), torch.from_numpy(found.latent[:, :1].astype(np.float32))
+    return None
+
+
+class TrainingSamples:
+    """What a run samples every ``train.sample_every`` steps (rank 0): each of
+    ``train.sample_prompts`` as text-to-video, and image-to-video from the first frame of the
+    dataset's first video with its caption, all at ``train.sample_shape`` and the run's seed."""
+
+    def __init__(self, cfg: Config, manifest: Manifest, text_dim: int):
+        self.cfg = cfg
+        prompts = cfg.train.sample_prompts or [cfg.train.sample_caption or first_caption(cfg.data.path)]
+        frames, h, w = cfg.train.sample_shape
+        self.cases = [(prompt, Request("text_to_video", (frames, h, w))) for prompt in prompts]
+        video = first_video_frame(cfg.data.path) if frames > 1 else None
+        if video is not None:
+            caption, first = video
+            shape = (frames, *first.shape[2:])
+            latents = torch.zeros(first.shape[0], *shape)
+            latents[:, :1] = first
+            given = torch.arange(frames) < 1
+            self.cases.append((caption, Request("image_to_video", shape, latents, given)))
+        self.texts = [encode_prompt(manifest, prompt, "", text_dim, torch.device("cpu")) for prompt, _ in self.cases]
+
+    def write(self, step: int, model, objective, out_dir: Path, dev, metrics) -> Path:
+        """Sample every case with ``model`` (the EMA weights) into out_dir/samples/step-N/ and TensorBoard."""
+        from sora_dist.build import autocast_dtype
+
+        folder = Path(out_dir) / "samples" / f"step-{step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        clips, labels = [], []
+        for (prompt, request), text in zip(self.cases, self.texts):
+            clips.append(generate(self.cfg, model, objective, text, request, 1, self.cfg.train.seed, dev, autocast_dtype(self.cfg, dev))[0])
+            labels.append(f"{request.application}: {prompt}")
+        for i, (clip, label) in enumerate(zip(clips, labels)):
+            np.save(folder / f"{i}-{label.split(':')[0]}.npy", clip)
+        save_frame_grid(clips, labels, folder / "frames.png")
+        metrics.image("samples", folder / "frames.png", step)
+        log.info("step %d: sampled %d clips with the EMA weights -> %s", step, len(clips), folder)
+        return folder
 
 
 def main(argv: Optional[list[str]] = None) -> int:

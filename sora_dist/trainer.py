@@ -35,7 +35,7 @@ from sora_dist.errors import ConfigError, TrainingError
 from sora_dist.kernels import get_attention_backend
 from sora_dist.kernels.fused import get_fused_backend
 from sora_dist.metrics import MetricsLogger, summarize
-from sora_dist.models import VideoDiT, count_parameters, train_flops
+from sora_dist.models import DiTConfig, VideoDiT, count_parameters, train_flops
 from sora_dist.parallel import DeepSpeedEngine, ParallelDims, local_bytes
 from sora_dist.resilience.elastic import explain_layout_error, layout_change, restart_context
 from sora_dist.resilience.guard import FaultGuard
@@ -134,6 +134,9 @@ class Run:
     metrics: MetricsLogger
     autocast_dtype: Optional[torch.dtype]
     guard: FaultGuard
+    model_cfg: DiTConfig
+    samples: Optional[object] = None
+    """rank 0's TrainingSamples when train.sample_every is set."""
     batches: Optional[Iterator[Batch]] = None
 
 
@@ -174,7 +177,11 @@ def build_run(cfg: Config, dev, world_size: int, rank: int) -> tuple[Run, object
     async_save = cfg.checkpoint.async_save if cfg.checkpoint.async_save is not None else dev.kind != "cpu"
     ckpt = CheckpointManager(cfg.checkpoint, out_dir, async_save, on_complete=guard.checkpointed)
     run = Run(cfg, dev, stack.dims, stack.model, stack.engine, stack.optimizer, ema, build_objective(cfg.diffusion, model_cfg.patch_size, cfg.mask),
-              loader, state, ckpt, metrics, stack.autocast_dtype, guard)
+              loader, state, ckpt, metrics, stack.autocast_dtype, guard, model_cfg)
+    if rank == 0 and cfg.train.sample_every:
+        from sora_dist.sample import TrainingSamples
+
+        run.samples = TrainingSamples(cfg, manifest, model_cfg.text_dim)
     return run, model_cfg
 
 
@@ -283,6 +290,16 @@ def _finish(cfg, model_cfg, weights, ema_weights, objective, loader, history, ou
         sample_report(cfg, single, objective, loader.manifest, history, out_dir, dev)
 
 
+def _write_training_samples(run: Run, step: int) -> None:
+    """Gather the EMA weights (every rank joins) and sample them on rank 0."""
+    weights = gather_to_rank0(run.ema.shadow if run.ema is not None else run.model.state_dict())
+    if run.samples is None:
+        return
+    single = VideoDiT(run.model_cfg).to(run.dev.torch_device)
+    single.load_state_dict(_strip_wrappers(weights))
+    run.samples.write(step, single, run.objective, Path(run.cfg.train.out_dir), run.dev, run.metrics)
+
+
 def _global_sums(values: list[float], dims, device) -> list[float]:
     """Sum over data-parallel ranks (SP/TP ranks hold copies: divide them out)."""
     if not dist.is_initialized():
@@ -338,6 +355,9 @@ def run_loop(run: Run, stop: "_StopFlag") -> int:
                 return step
             if run.ckpt.due(step):
                 run.ckpt.save(step, state, cfg)
+        if cfg.train.sample_every and step % cfg.train.sample_every == 0:
+            with run.guard.accounted("sampling"):
+                _write_training_samples(run, step)
         if out_of_time:
             log.info("train.max_minutes=%g reached after %d steps", cfg.train.max_minutes, step)
             break

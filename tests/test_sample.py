@@ -20,8 +20,27 @@ PROMPT = "a large red blob moving right"
 @pytest.fixture(scope="module")
 def run(synthetic_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("apps")
-    trainer.train(short_config(synthetic_dir, out, "--train.steps=10", "--train.sample_at_end=false"))
+    trainer.train(short_config(synthetic_dir, out, "--train.steps=10", "--train.sample_at_end=false", "--train.sample_every=5",
+                               "--train.sample_prompts=[a small red blob moving up, a large green blob still]", "--train.sample_shape=[3,8,8]",
+                               "--diffusion.sample_steps=2", "--logging.tensorboard=true"))
     return out
+
+
+def test_a_run_samples_its_prompts_and_an_image_to_video_case_every_n_steps(run, synthetic_dir):
+    from sora_dist.sample import first_video_frame
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for step in (5, 10):
+        folder = run / "samples" / f"step-{step}"
+        names = sorted(p.name for p in folder.glob("*.npy"))
+        assert names == ["0-text_to_video.npy", "1-text_to_video.npy", "2-image_to_video.npy"]
+        assert (folder / "frames.png").stat().st_size > 1000
+    _, first = first_video_frame(str(synthetic_dir))
+    i2v = np.load(run / "samples" / "step-5" / "2-image_to_video.npy")
+    assert i2v.shape[1] == 3 and np.array_equal(i2v[:, :1], first.numpy())
+    events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("samples")] == [5, 10]
 
 
 @pytest.fixture(scope="module")

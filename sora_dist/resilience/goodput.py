@@ -32,7 +32,7 @@ from typing import Optional
 
 from sora_dist.resilience.elastic import restart_counts
 
-CATEGORIES = ("startup", "step", "data_wait", "checkpoint")
+CATEGORIES = ("startup", "step", "data_wait", "checkpoint", "sampling")
 _IMPORTED_AT = time.time()
 
 
@@ -121,7 +121,7 @@ def summarize(attempts: list[dict]) -> dict:
     steps_lost = []
     for i, attempt in enumerate(attempts):
         for category in CATEGORIES:
-            totals[category] += attempt["seconds"][category]
+            totals[category] += attempt["seconds"].get(category, 0.0)
         if i + 1 < len(attempts):
             following = attempts[i + 1]
             resumed = following["resumed_from_step"]
@@ -138,7 +138,7 @@ def summarize(attempts: list[dict]) -> dict:
 def format_summary(summary: dict) -> str:
     seconds, wall = summary["seconds"], summary["wall_s"]
     parts = [f"productive steps {summary['productive_s']:.1f} s ({summary['productive_s'] / wall:.1%})"]
-    for name in ("lost", "data_wait", "checkpoint", "startup", "recovery", "other"):
+    for name in ("lost", "data_wait", "checkpoint", "sampling", "startup", "recovery", "other"):
         parts.append(f"{name.replace('_', ' ')} {seconds[name]:.1f} s ({seconds[name] / wall:.1%})")
     lost = f", steps lost per restart {summary['steps_lost']}" if summary["steps_lost"] else ""
     return (f"goodput {summary['goodput']:.1%} over {wall:.1f} s wall and {summary['attempts']} attempt(s){lost}: "

@@ -73,11 +73,17 @@ class FaultGuard:
     @contextlib.contextmanager
     def saving(self):
         """Around the loop's checkpoint calls: their time is checkpoint time."""
+        with self.accounted("checkpoint"):
+            yield
+
+    @contextlib.contextmanager
+    def accounted(self, category: str):
+        """Time spent inside counts as ``category`` in the goodput ledger (checkpoint, sampling)."""
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.goodput.add("checkpoint", time.perf_counter() - start)
+            self.goodput.add(category, time.perf_counter() - start)
 
     def checkpointed(self, step: int) -> None:
         self.goodput.checkpointed(step)

@@ -248,16 +248,30 @@ def test_two_ranks_write_the_same_dataset_and_it_trains(inputs, models, encoded,
     summary = trainer.train(cfg)
     assert summary["steps"] == 4 and np.isfinite(summary["last_loss"])
 
-    # The sampler decodes its latents with the dataset's VAE: a [4, 8, 8] latent -> 4 frames of 16x16.
+    # A prompt no sample has goes through the text encoder the manifest names (the tokenizer
+    # knows its words from other captions), and the latents through the dataset's VAE:
+    # a [4, 8, 8] latent -> 4 frames of 16x16.
     from sora_dist.cli import main
 
+    manifest = read_manifest(out)
+    assert (manifest.text_encoder, manifest.max_text_length) == (str(models / "t5"), 256)
+    prompt = "a blue ball grows on grass"
+    assert prompt not in CAPTIONS
     samples = tmp_path / "samples"
-    assert main(["sample", "--from", str(tmp_path / "run"), "--prompt", CAPTIONS[0], "--samples", "1", "--out", str(samples),
+    assert main(["sample", "--from", str(tmp_path / "run"), "--prompt", prompt, "--samples", "1", "--out", str(samples),
                  "--video-format", ".gif", "--train.sample_shape=[4,8,8]", "--diffusion.sample_steps=2"]) == 0
     from PIL import Image
 
     with Image.open(samples / "sample-0.gif") as gif:
         assert (gif.n_frames, gif.size) == (4, (16, 16))
+    assert json.loads((samples / "request.json").read_text())["prompt"] == prompt
+    # Image-to-video from a picture: resized and cropped like `encode` does, then the dataset's VAE.
+    image = tmp_path / "first.png"
+    write_image(image, 40, 24)
+    assert main(["sample", "--from", str(tmp_path / "run"), "--prompt", prompt, "--samples", "1", "--out", str(tmp_path / "i2v"),
+                 "--image", str(image), "--frames", "3", "--size", "8", "8", "--diffusion.sample_steps=2"]) == 0
+    assert np.load(tmp_path / "i2v" / "latents.npy").shape == (1, 4, 3, 8, 8)
+    assert (tmp_path / "i2v" / "sample-0.mp4").stat().st_size > 0
 
 
 # ---------------------------------------------------------------------------------------------
