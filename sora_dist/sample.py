@@ -48,7 +48,8 @@ given ones). Inputs are latent .npy files (C x T x h x w, as the dataset stores 
 videos, which the dataset's VAE encodes after the resize and centre crop `encode` applies.
 Outputs go to --out: frames.png, latents.npy, request.json and, where the dataset has a VAE,
 sample-N.mp4. Distributed: torchrun --nproc-per-node N -m sora_dist.sample ... --cfg-parallel
---sp-ulysses U --sp-ring R (2 x U x R x tp ranks with --cfg-parallel, else U x R x tp)."""
+--sp-ulysses U --sp-ring R (2 x U x R x tp ranks with --cfg-parallel, else U x R x tp).
+Config keys of the run override as in training, e.g. --diffusion.sample_steps=50."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -324,7 +325,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     """``python -m sora_dist.sample`` (under torchrun for several ranks)."""
     from sora_dist.console import run_command
 
-    parser = argparse.ArgumentParser(prog="torchrun -m sora_dist.sample", description=__doc__.split("\n\n")[0], epilog=APPLICATIONS,
+    parser = argparse.ArgumentParser(prog="sora-dist sample", description=__doc__.split("\n\n")[0], epilog=APPLICATIONS,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args, overrides = parser.parse_known_args(argv)

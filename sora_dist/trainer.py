@@ -178,7 +178,7 @@ def build_run(cfg: Config, dev, world_size: int, rank: int) -> tuple[Run, object
     ckpt = CheckpointManager(cfg.checkpoint, out_dir, async_save, on_complete=guard.checkpointed)
     run = Run(cfg, dev, stack.dims, stack.model, stack.engine, stack.optimizer, ema, build_objective(cfg.diffusion, model_cfg.patch_size, cfg.mask),
               loader, state, ckpt, metrics, stack.autocast_dtype, guard, model_cfg)
-    if rank == 0 and cfg.train.sample_every:
+    if rank == 0 and 0 < cfg.train.sample_every <= cfg.train.steps:
         from sora_dist.sample import TrainingSamples
 
         run.samples = TrainingSamples(cfg, manifest, model_cfg.text_dim)

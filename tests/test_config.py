@@ -40,6 +40,8 @@ def test_typo_names_the_key_and_suggests_the_nearest(tmp_path):
         ("--model.qk_norm=1", r"model.qk_norm=1 must be true or false"),
         ("--diffusion.objective=score", r"diffusion.objective='score' is not allowed: choose one of 'flow', 'ddpm'"),
         ("--model.patch_size=[1,2]", r"model.patch_size=\[1, 2\] must be a list of 3 values"),
+        ("--train.sample_prompts=a red blob", r"train.sample_prompts='a red blob' must be a list, e.g. \['x'\]"),
+        ("--train.sample_prompts=[a, 3]", r"train.sample_prompts\[1\]=3 must be a string"),
     ],
 )
 def test_wrong_types_name_key_value_and_fix(override, message):
@@ -57,6 +59,8 @@ def test_wrong_types_name_key_value_and_fix(override, message):
         (["--model.hidden_size=48", "--model.num_heads=12"], r"head dimension .* = 4 must be even and at least 6"),
         (["--train.grad_accum=0"], r"train.grad_accum=0 must be at least 1"),
         (["--parallel.dp_shard=0"], r"parallel.dp_shard=0 must be >= 1 or -1"),
+        (["--mask.image_to_video=-0.1"], r"mask.image_to_video=-0.1 must be a probability in \[0, 1\]"),
+        (["--train.sample_every=-1"], r"train.sample_every=-1 must be >= 0"),
     ],
 )
 def test_impossible_values_are_rejected(overrides, message):
