@@ -193,7 +193,7 @@ def build_request(args, inputs: MediaInputs, default_shape: tuple[int, int, int]
     if args.edit:
         if not 0 < args.strength <= 1:
             raise ConfigError(f"--strength {args.strength} must be in (0, 1]: the fraction of the schedule to re-run (1 starts from noise)")
-        clip = inputs.read(args.edit, None, size, "--edit clip")
+        clip = inputs.read(args.edit, None if args.edit.endswith(".npy") else frames, size, "--edit clip")
         return Request("edit", tuple(clip.shape[1:]), init=clip, strength=args.strength)
     if args.image:
         image = inputs.read(args.image, 1, size, "--image")[:, :1]

@@ -65,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--direction", default="forward", choices=["forward", "backward"], help="with --extend: after its end or before its start")
     p.add_argument("--connect", nargs=2, default=None, metavar=("A", "B"), help="generate --frames between the end of clip A and the start of clip B")
     p.add_argument("--context", type=int, default=0, help="latent frames of each --extend / --connect clip to keep as given (default: all of a .npy; half of --frames from a video, 1 with --connect)")
-    p.add_argument("--edit", default="", help="SDEdit this clip (a video, or a latent .npy) towards the prompt")
+    p.add_argument("--edit", default="", help="SDEdit this clip (a latent .npy, or the first --frames latent frames of a video) towards the prompt")
     p.add_argument("--strength", type=float, default=0.6, help="with --edit: fraction of the schedule re-run, in (0, 1]; 1 ignores the clip")
     p.add_argument("--samples", type=int, default=2, help="clips to sample")
     p.add_argument("--seed", type=int, default=0)

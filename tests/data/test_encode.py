@@ -272,6 +272,11 @@ def test_two_ranks_write_the_same_dataset_and_it_trains(inputs, models, encoded,
                  "--image", str(image), "--frames", "3", "--size", "8", "8", "--diffusion.sample_steps=2"]) == 0
     assert np.load(tmp_path / "i2v" / "latents.npy").shape == (1, 4, 3, 8, 8)
     assert (tmp_path / "i2v" / "sample-0.mp4").stat().st_size > 0
+    # Editing a video file: its first 3 frames at the sampled size, through the same VAE.
+    assert main(["sample", "--from", str(tmp_path / "run"), "--prompt", prompt, "--samples", "1", "--out", str(tmp_path / "edit"),
+                 "--edit", str(inputs / "square.mov"), "--frames", "3", "--size", "8", "8", "--strength", "0.5",
+                 "--diffusion.sample_steps=2"]) == 0
+    assert np.load(tmp_path / "edit" / "latents.npy").shape == (1, 4, 3, 8, 8)
 
 
 # ---------------------------------------------------------------------------------------------
