@@ -185,6 +185,13 @@ def summarize(cases: list[Case], scores: list[list[dict]]) -> dict[str, dict]:
     return result
 
 
+def along_direction(clips: np.ndarray, origin: np.ndarray, direction: str) -> np.ndarray:
+    """(N, T) centroid positions of (N, C, T, h, w) clips along ``direction``, relative to the
+    (N, 2) ``origin`` positions."""
+    tracks = np.stack([centroids(clip) for clip in clips])  # (N, T, 2)
+    return (tracks - origin[:, None]) @ np.asarray(DIRECTIONS[direction], dtype=float)
+
+
 def format_table(result: dict[str, dict]) -> str:
     lines = [f"{'application':<22} {'clips':>5} {'direction':>9} {'colour':>7} {'speed px/frame':>15} {'off path px':>12}"]
     for application, r in result.items():
@@ -202,18 +209,24 @@ def evaluate(cfg, model, objective, manifest, dev, per_direction: int, seed: int
              out: Optional[Path] = None) -> dict[str, dict]:
     """Sample every case with ``model`` and score it; writes frames per application under ``out``."""
     from sora_dist.sample import generate
-    from sora_dist.visualize import save_frame_grid
+    from sora_dist.visualize import save_frame_grid, save_track_plot
 
-    cases, scores, shown = make_cases(per_direction, seed), [], {}
+    cases, scores, shown, tracks = make_cases(per_direction, seed), [], {}, {}
     for index, case in enumerate(cases):
         text = encode_prompt(manifest, case.prompt, "", model.cfg.text_dim, torch.device("cpu"))
         clips = generate(cfg, model, objective, text, case.request(), per_direction, seed + index, dev, guidance=guidance)
         scores.append(score(case, clips))
         shown.setdefault(case.application, []).append((clips[0], f"{case.prompt}\n{scores[-1][0]['direction']}"))
+        if case.given is not None:  # positions against the true clip's first frame
+            origin = np.stack([centroids(t)[0] for t in case.truth])
+            panel = tracks.setdefault(case.application, ([], [], case.given))
+            panel[0].append(along_direction(case.truth, origin, case.direction))
+            panel[1].append(along_direction(clips, origin, case.direction))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         for application, rows in shown.items():
             save_frame_grid([clip for clip, _ in rows], [label for _, label in rows], out / f"{application}.png")
+        save_track_plot({name: (np.concatenate(t), np.concatenate(g), given) for name, (t, g, given) in tracks.items()}, out / "tracks.png")
     return summarize(cases, scores)
 
 

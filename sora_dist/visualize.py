@@ -63,3 +63,26 @@ def save_loss_comparison(curves: dict[str, tuple[Sequence[int], Sequence[float]]
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def save_track_plot(panels: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path: str | Path) -> None:
+    """One panel per application: position along the captioned direction per frame, of the true
+    clips (dashed) and the generated ones, each (N, T) and relative to its true first frame;
+    given frames are shaded."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0), squeeze=False, sharey=True)
+    for ax, (name, (truth, generated, given)) in zip(axes[0], panels.items()):
+        frames = np.arange(truth.shape[1])
+        for f in np.flatnonzero(given):
+            ax.axvspan(f - 0.5, f + 0.5, color="0.9")
+        for row in generated:
+            ax.plot(frames, row, color="tab:blue", alpha=0.35, linewidth=1)
+        ax.plot(frames, np.nanmedian(truth, axis=0), "k--", linewidth=1.5, label="true")
+        ax.plot(frames, np.nanmedian(generated, axis=0), color="tab:blue", linewidth=2, label="generated (median)")
+        ax.set_title(name.replace("_", " "), fontsize=9)
+        ax.set_xlabel("frame")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("along the caption's direction (px)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
