@@ -43,41 +43,33 @@ def masked_mean_per_sample(error: torch.Tensor, given: Optional[torch.Tensor], p
     return (error * keep).flatten(1).sum(dim=1) / keep.flatten(1).sum(dim=1)
 
 
-def _given_for(choice: str, frames: int, k: int, coin: torch.Tensor, pick: int) -> torch.Tensor:
-    """One sample's (T',) mask for a strategy choice; k <= frames - 1 given frames where it applies."""
-    given = torch.zeros(frames, dtype=torch.bool)
-    if choice == "image_to_video":
-        given[0] = True
-    elif choice == "extend_forward":
-        given[:k] = True
-    elif choice == "extend_backward":
-        given[frames - k :] = True
-    elif choice == "connect" and frames >= 3:
-        ends = min(k, (frames - 1) // 2)
-        given[:ends] = given[frames - ends :] = True
-    elif choice == "random_frames":
-        given = coin < 0.5
-        if given.all():
-            given[pick] = False
-    return given
-
-
 def draw_given(cfg: MaskConfig, batch: int, frames: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
     """(B, T') bool: the given patch frames of each sample of a batch, drawn with ``generator``
     (the same on every rank of a sequence-parallel group, so they agree). One-frame samples
-    (images) get none."""
-    draws = torch.rand(batch, 2 + frames, generator=generator, device=device).cpu()  # choice, k, per-frame coins
+    (images) get none. Built on the device without a host sync: it runs every micro-step."""
+    draws = torch.rand(batch, 2 + frames, generator=generator, device=device)  # choice, k, per-frame coins
     if frames < 2:
         return torch.zeros(batch, frames, dtype=torch.bool, device=device)
     names, probabilities = zip(*cfg.choices().items())
-    edges = torch.tensor(probabilities, dtype=torch.float64).cumsum(0)
+    edges = torch.tensor(probabilities, device=device).cumsum(0)
+    choice = torch.searchsorted(edges, draws[:, :1].contiguous(), right=True).clamp(max=len(names) - 1)  # (B, 1)
     max_k = min(frames - 1, max(1, int(cfg.max_given_fraction * frames)))
-    rows = []
-    for row in draws:
-        choice = names[min(int(torch.searchsorted(edges, row[0].double(), right=True)), len(names) - 1)]
-        k = 1 + min(int(row[1] * max_k), max_k - 1)
-        rows.append(_given_for(choice, frames, k, row[2:], pick=min(int(row[1] * frames), frames - 1)))
-    return torch.stack(rows).to(device)
+    k = 1 + (draws[:, 1:2] * max_k).long().clamp(max=max_k - 1)  # (B, 1), 1 <= k <= frames - 1
+    pick = (draws[:, 1:2] * frames).long().clamp(max=frames - 1)
+    frame = torch.arange(frames, device=device)[None]  # (1, T')
+    ends = k.clamp(max=(frames - 1) // 2)  # connect leaves at least one frame between its ends
+    coins = draws[:, 2:] < 0.5
+    coins &= ~(coins.all(1, keepdim=True) & (frame == pick))  # random frames never give all of them
+    by_choice = {
+        "text_to_video": torch.zeros_like(coins),
+        "image_to_video": frame == 0,
+        "extend_forward": frame < k,
+        "extend_backward": frame >= frames - k,
+        "connect": (frame < ends) | (frame >= frames - ends),
+        "random_frames": coins,
+    }
+    masks = torch.stack([by_choice[name].expand(batch, frames) for name in names])  # (choices, B, T')
+    return masks.gather(0, choice[None].expand(1, batch, frames))[0]
 
 
 class MaskStrategy:
