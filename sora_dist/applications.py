@@ -180,6 +180,12 @@ def _placed(pieces: list[tuple[int, torch.Tensor]], frames: int) -> tuple[torch.
     return latents, given
 
 
+def image_to_video(image: torch.Tensor, frames: int) -> Request:
+    """A ``frames``-frame clip whose first frame is ``image`` (C, 1, h, w)."""
+    latents, given = _placed([(0, image)], frames)
+    return Request("image_to_video", (frames, *image.shape[2:]), latents, given)
+
+
 def build_request(args, inputs: MediaInputs, default_shape: tuple[int, int, int]) -> Request:
     """The Request of parsed ``sora-dist sample`` arguments (one application at a time)."""
     chosen = [name for name in ("image", "extend", "connect", "edit") if getattr(args, name)]
@@ -196,9 +202,7 @@ def build_request(args, inputs: MediaInputs, default_shape: tuple[int, int, int]
         clip = inputs.read(args.edit, None if args.edit.endswith(".npy") else frames, size, "--edit clip")
         return Request("edit", tuple(clip.shape[1:]), init=clip, strength=args.strength)
     if args.image:
-        image = inputs.read(args.image, 1, size, "--image")[:, :1]
-        latents, given = _placed([(0, image)], frames)
-        return Request("image_to_video", (frames, *image.shape[2:]), latents, given)
+        return image_to_video(inputs.read(args.image, 1, size, "--image")[:, :1], frames)
     context = args.context or None
     if args.extend:
         clip = inputs.read(args.extend, context or (None if args.extend.endswith(".npy") else max(1, frames // 2)), size, "--extend clip")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sora_dist.applications import LATENT_ONLY_VAES, MediaInputs, Request, build_request, encode_prompt, per_sample
+from sora_dist.applications import LATENT_ONLY_VAES, MediaInputs, Request, build_request, encode_prompt, image_to_video, per_sample
 from sora_dist.checkpoint import COMPLETE
 from sora_dist.config import Config, ParallelConfig, load_config
 from sora_dist.data.format import Manifest, read_manifest
@@ -296,11 +296,7 @@ class TrainingSamples:
         video = first_video_frame(cfg.data.path) if frames > 1 else None
         if video is not None:
             caption, first = video
-            shape = (frames, *first.shape[2:])
-            latents = torch.zeros(first.shape[0], *shape)
-            latents[:, :1] = first
-            given = torch.arange(frames) < 1
-            self.cases.append((caption, Request("image_to_video", shape, latents, given)))
+            self.cases.append((caption, image_to_video(first, frames)))
         self.texts = [encode_prompt(manifest, prompt, "", text_dim, torch.device("cpu")) for prompt, _ in self.cases]
 
     def write(self, step: int, model, objective, out_dir: Path, dev, metrics) -> Path:
