@@ -26,6 +26,14 @@ every collective's output anew: with a caching allocator (CUDA, NPU) that costs 
 cpu it adds the page faults training pays (a 5.6 MB all-gather on 2 gloo ranks here: 8.0 ms
 fresh against 4.7 ms into a reused buffer). The JSON (--json) has date, device, backend and every
 row; the performance model (sora-dist plan --calibration) fits latency and bandwidth per group from it.
+
+Rank skew: ranks that compute the same work do not reach the next collective at the same moment
+(OS noise, stragglers, and on cpu, ranks sharing cores and descheduled in turn), so every blocking
+collective also waits for the last rank. bench-comm measures it: each rank runs a burst of
+matmuls (--skew-bursts-ms, several lengths), then a one-element all-reduce over the world; the
+wait, averaged over the ranks, less the back-to-back time of that all-reduce, against the burst
+length, gives the skew: seconds of waiting per second of compute (a least-squares slope). The
+performance model adds that fraction of each rank's compute to the step.
 """
 
 from __future__ import annotations
@@ -156,6 +164,38 @@ def compute_burst(seconds: float, dev: device_lib.Device) -> Callable[[], None] 
     return lambda: [a @ a for _ in range(repeats)]
 
 
+def rank_skew(dev: device_lib.Device, bursts_ms: list[float], iters: int) -> list[dict]:
+    """Per burst length: the mean over ranks of the wait in a one-element world all-reduce after
+    the burst, less the same all-reduce back to back (see the module docstring)."""
+    tiny = torch.zeros(1, device=dev.torch_device)
+
+    def run():
+        dist.all_reduce(tiny)
+
+    back_to_back = mean_over_ranks(time_op(run, None, dev, 3, iters), dev.torch_device)
+    rows = []
+    for burst_ms in bursts_ms:
+        wait = mean_over_ranks(time_op(run, None, dev, 1, iters, compute_burst(burst_ms / 1e3, dev)), dev.torch_device)
+        rows.append({"burst_ms": burst_ms, "wait_us": max(0.0, wait - back_to_back) * 1e6})
+    return rows
+
+
+def skew_slope(rows: list[dict]) -> float:
+    """Seconds of waiting per second of compute: the least-squares slope of wait on burst length."""
+    if len(rows) < 2:
+        return rows[0]["wait_us"] / 1e3 / rows[0]["burst_ms"] if rows else 0.0
+    xs, ys = [r["burst_ms"] for r in rows], [r["wait_us"] / 1e3 for r in rows]
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+    return max(0.0, slope)
+
+
+def mean_over_ranks(seconds: float, device: torch.device) -> float:
+    value = torch.tensor([seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(value)
+    return value.item() / dist.get_world_size()
+
+
 def slowest(seconds: float, device: torch.device) -> float:
     """The largest value over every rank of the world."""
     value = torch.tensor([seconds], dtype=torch.float64, device=device)
@@ -201,10 +241,11 @@ def benchmark(args, overrides: list[str], progress=print) -> dict:
                              "algbw_gbps": algbw / 1e9, "busbw_gbps": algbw * bus_factor(op, n) / 1e9})
             if rank == 0:
                 progress(f"bench-comm: {dim} (n={n}) {op} done, peak busbw {max(r['busbw_gbps'] for r in rows if r['dim'] == dim and r['op'] == op):.2f} GB/s")
+    skew = rank_skew(dev, args.skew_bursts_ms, args.iters) if args.skew_bursts_ms else []
     return {"date": time.strftime("%Y-%m-%d %H:%M"), "device": dev.name, "backend": dist.get_backend(), "world_size": world_size,
             "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
             "layout": dims.describe(), "degrees": dict(zip(MESH_DIMS, dims.degrees)), "dtype": "float32",
-            "after_compute_ms": args.after_compute_ms, "rows": rows}
+            "after_compute_ms": args.after_compute_ms, "rows": rows, "skew": skew}
 
 
 def format_table(result: dict) -> str:
@@ -218,6 +259,9 @@ def format_table(result: dict) -> str:
         for nbytes in dict.fromkeys(r["bytes"] for r in rows):
             cells = {r["op"]: r for r in rows if r["bytes"] == nbytes}
             lines.append(f"{_human(nbytes):>10} " + " ".join(f"{cells[op]['time_us']:>16.1f} {cells[op]['busbw_gbps']:>7.2f}" for op in ops))
+    if result.get("skew"):
+        waits = ", ".join(f"{r['wait_us'] / 1e3:.2f} ms after {r['burst_ms']:g} ms" for r in result["skew"])
+        lines.append(f"\nrank skew over the world: {skew_slope(result['skew']):.1%} of compute ({waits})")
     return "\n".join(lines)
 
 
@@ -237,6 +281,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--after-compute-ms", type=float, default=0.0,
                         help="run this many ms of matmuls (untimed) before each timed call, as training does between collectives")
+    parser.add_argument("--skew-bursts-ms", type=float, nargs="*", default=[20.0, 50.0, 100.0, 200.0],
+                        help="compute bursts (ms) after which the rank skew is measured; none to skip it")
     parser.add_argument("--json", default="", help="also write every row to this JSON file")
     return parser.parse_known_args(argv)
 

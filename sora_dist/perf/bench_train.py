@@ -45,19 +45,8 @@ def benchmark(args, overrides: list[str]) -> dict:
     model_cfg = resolve_model_config(cfg.model, IN_CHANNELS, TEXT_DIM)
     stack = build_stack(cfg, dev, model_cfg, world_size)
     engine, dims, autocast_dtype = stack.engine, stack.dims, stack.autocast_dtype
-    objective = build_objective(cfg.diffusion, model_cfg.patch_size)
     shape = tuple(args.latent)
-    g = torch.Generator(device=dev.torch_device).manual_seed(0)
-    latents = torch.randn(args.batch, IN_CHANNELS, *shape, generator=g, device=dev.torch_device)
-    text = torch.randn(args.batch, args.text_len, TEXT_DIM, generator=g, device=dev.torch_device)
-    mask = torch.ones(args.batch, args.text_len, dtype=torch.bool, device=dev.torch_device)
-
-    def step():
-        with dev.autocast(autocast_dtype):
-            loss = objective.loss(engine.model, latents, text, mask, g).mean()
-        engine.backward(loss * dims.sp)
-        engine.step(lambda norm: None)
-
+    step = training_step(cfg, dev, engine, autocast_dtype, dims.sp, args.batch, shape, args.text_len)
     dev.reset_peak_memory()
     times = timed(step, dev, args.warmup, args.steps)
     if args.profile:
@@ -83,6 +72,23 @@ def benchmark(args, overrides: list[str]) -> dict:
     if dist.is_initialized():
         dist.destroy_process_group()
     return result
+
+
+def training_step(cfg, dev: device_lib.Device, engine, autocast_dtype, sp: int, batch: int, shape: tuple[int, int, int], text_len: int):
+    """A closure that runs one optimizer step of ``engine`` on fixed random latents and text."""
+    objective = build_objective(cfg.diffusion, engine.module.cfg.patch_size)
+    g = torch.Generator(device=dev.torch_device).manual_seed(0)
+    latents = torch.randn(batch, IN_CHANNELS, *shape, generator=g, device=dev.torch_device)
+    text = torch.randn(batch, text_len, TEXT_DIM, generator=g, device=dev.torch_device)
+    mask = torch.ones(batch, text_len, dtype=torch.bool, device=dev.torch_device)
+
+    def step():
+        with dev.autocast(autocast_dtype):
+            loss = objective.loss(engine.model, latents, text, mask, g).mean()
+        engine.backward(loss * sp)
+        engine.step(lambda norm: None)
+
+    return step
 
 
 def timed(step, dev, warmup: int, steps: int) -> list[float]:

@@ -6,8 +6,10 @@
 ``calibrate`` times bench-train on one device at several batch sizes and fits step time = fixed
 overhead + optimizer update (memory bound, from a timed device copy) + FLOPs / achieved rate. It
 also times writes into newly allocated memory, which collectives' outputs and FSDP's copies pay
-(page faults on cpu; a caching allocator's reused blocks on CUDA/NPU). The model then needs only
-the layout-dependent terms. bench-comm's JSON gives each collective's
+(page faults on cpu; a caching allocator's reused blocks on CUDA/NPU). And it times the host work
+that the wrappers add, on one rank (a 1-rank mesh: FSDP2's hooks and DTensor's dispatch run, the
+collectives move nothing): the same step plain, under the TP plan and under FSDP2, per block. The
+model then needs only the layout-dependent terms. bench-comm's JSON gives each collective's
 latency (its smallest message) and bus bandwidth (its largest message) per group size, inside a
 node or across nodes. Several files may be passed to ``sora-dist plan --calibration``.
 """
@@ -23,15 +25,22 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from sora_dist import device as device_lib
+from sora_dist.build import autocast_dtype, build_optimizer
+from sora_dist.config import load_config, resolve_model_config
 from sora_dist.errors import ConfigError
-from sora_dist.models import DiTConfig
+from sora_dist.models import DiTConfig, VideoDiT
+from sora_dist.parallel import apply_fsdp, build_mesh, make_engine, materialize
 from sora_dist.parallel.mesh import MESH_DIMS, ParallelDims
+from sora_dist.parallel.tensor import apply_tensor_parallel
 from sora_dist.perf import bench_train
-from sora_dist.perf.bench_comm import bus_factor
-from sora_dist.perf.model import (OPTIMIZER_BYTES_PER_PARAM, Calibration, Layout, Workload, compute_flops, group_spans_nodes,
-                                  parameter_count_per_rank)
+from sora_dist.perf.bench_comm import bus_factor, skew_slope
+from sora_dist.perf.model import (OPTIMIZER_BYTES_PER_PARAM, Calibration, Layout, Workload, compute_flops, fsdp_copy_bytes,
+                                  group_spans_nodes, parameter_count_per_rank, tp_local_parameter_count)
+
+WRAPPERS = ("tp", "fsdp")
 
 
 def copy_bandwidth(dev: device_lib.Device, nbytes: int = 256 * 1024**2, repeats: int = 5) -> float:
@@ -59,6 +68,54 @@ def fresh_write_bandwidth(dev: device_lib.Device, nbytes: int = 8 * 1024**2, rep
         dev.synchronize()
         times.append(time.perf_counter() - start)
     return nbytes / sorted(times)[len(times) // 2]
+
+
+def wrapper_host_overhead(args, dev: device_lib.Device, fresh_write_bw: float, repeats: int = 2) -> dict[str, float]:
+    """Host seconds per block per step that the TP plan and FSDP2 add to a step, on one rank.
+
+    The calibration's step (smallest batch) is timed plain, under each wrapper and plain again, on
+    a 1-rank mesh, ``repeats`` rounds; a wrapper's cost is its median less the plain median. FSDP's
+    copies, which the model counts itself (``fsdp_copy_bytes``), are taken out of its share."""
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group(dev.comm_backend, store=dist.HashStore(), rank=0, world_size=1)
+    cfg = load_config(None, [f"--model.preset={args.preset}", *args.overrides])
+    model_cfg = resolve_model_config(cfg.model, bench_train.IN_CHANNELS, bench_train.TEXT_DIM)
+    times: dict[str, list[float]] = {}
+    try:
+        for _ in range(repeats):
+            for wrapper in ("plain", *WRAPPERS):
+                times.setdefault(wrapper, []).append(_one_rank_step_s(cfg, dev, model_cfg, wrapper, args))
+    finally:
+        if owned:
+            dist.destroy_process_group()
+    plain = sorted(times["plain"])[len(times["plain"]) // 2]
+    params = tp_local_parameter_count(model_cfg, 1)
+    copies = fsdp_copy_bytes(params, 4 if autocast_dtype(cfg, dev) is None else 2, 2, 1) / fresh_write_bw
+    cost = {w: sorted(times[w])[len(times[w]) // 2] - plain for w in WRAPPERS}
+    cost["fsdp"] -= copies
+    return {w: max(0.0, c) / model_cfg.depth for w, c in cost.items()}
+
+
+def _one_rank_step_s(cfg, dev: device_lib.Device, model_cfg: DiTConfig, wrapper: str, args) -> float:
+    """Median step time of the calibration's model at its smallest batch on a 1-rank mesh, plain or
+    under one wrapper, built with the trainer's own functions."""
+    dims = ParallelDims(1, 1, 1, 1, 1, "fsdp")
+    mesh = build_mesh(dims, dev.kind)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = VideoDiT(model_cfg)
+    materialize(model, dev.torch_device)
+    dtype = autocast_dtype(cfg, dev)
+    if wrapper == "tp":
+        apply_tensor_parallel(model, mesh["tp"])
+    elif wrapper == "fsdp":
+        apply_fsdp(model, mesh, dims, dtype, cfg.parallel.reshard_after_forward)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    engine = make_engine(model, cfg.parallel, dims, mesh, dev.torch_device, optimizer, scheduler, cfg.optim.grad_clip, 1, dtype is not None)
+    step = bench_train.training_step(cfg, dev, engine, dtype, 1, min(args.batches), tuple(args.latent), 128)
+    times = bench_train.timed(step, dev, 2, args.steps)
+    return sorted(times)[len(times) // 2]
 
 
 def workload_and_layout(result: dict) -> tuple[Workload, Layout]:
@@ -117,19 +174,24 @@ def load_calibration(paths: list[str]) -> Calibration:
     """One Calibration from any mix of ``calibrate`` and bench-comm JSON files."""
     cal = Calibration()
     measured: dict[tuple, list[tuple[float, float]]] = {}
+    skews: dict[int, list[float]] = {}
     for path in paths:
         data = json.loads(Path(path).read_text())
         if "rows" in data:
             for key, fit in fit_links(data):
                 measured.setdefault(key, []).append(fit)
+            if data.get("skew"):
+                skews.setdefault(data["world_size"], []).append(skew_slope(data["skew"]))
         elif data.get("kind") == "calibration":
             cal.flops_rate, cal.step_overhead_s = data["flops_rate"], data["step_overhead_s"]
             cal.memory_bw, cal.shared_cores = data["memory_bw"], data.get("shared_cores", 0)
             cal.fresh_write_bw = data["fresh_write_bw"]
+            cal.wrapper_host_s = data.get("wrapper_host_s_per_block", {})
         else:
             raise ConfigError(f"{path} is neither a `sora-dist calibrate` nor a bench-comm JSON file")
     # Groups of one size measured on several dimensions or runs: mean latency, mean time per byte.
     cal.comm = {key: (sum(f[0] for f in fits) / len(fits), len(fits) / sum(1 / f[1] for f in fits)) for key, fits in measured.items()}
+    cal.skew = {world: sum(values) / len(values) for world, values in skews.items()}
     return cal
 
 
@@ -143,9 +205,12 @@ def calibrate(args) -> dict:
                                                         "--steps", str(args.steps), "--warmup", "2", *args.overrides])
         results.append(bench_train.benchmark(bench_args, overrides))
     rate, overhead = fit_compute(results, memory_bw)
+    fresh_write_bw = fresh_write_bandwidth(dev)
+    print("calibrate: host work of the TP plan and FSDP2 on one rank", flush=True)
+    wrappers = wrapper_host_overhead(args, dev, fresh_write_bw)
     return {"kind": "calibration", "date": time.strftime("%Y-%m-%d %H:%M"), "device": dev.name, "threads": torch.get_num_threads(),
-            "flops_rate": rate, "step_overhead_s": overhead, "memory_bw": memory_bw, "fresh_write_bw": fresh_write_bandwidth(dev),
-            "shared_cores": (os.cpu_count() or 1) if dev.kind == "cpu" else 0, "runs": results}
+            "flops_rate": rate, "step_overhead_s": overhead, "memory_bw": memory_bw, "fresh_write_bw": fresh_write_bw,
+            "wrapper_host_s_per_block": wrappers, "shared_cores": (os.cpu_count() or 1) if dev.kind == "cpu" else 0, "runs": results}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     result = calibrate(args)
     Path(args.out).write_text(json.dumps(result, indent=2))
+    wrappers = ", ".join(f"{w} {s * 1e3:.1f}" for w, s in result["wrapper_host_s_per_block"].items())
     print(f"achieved {result['flops_rate'] / 1e12:.3f} TFLOP/s, fixed overhead {result['step_overhead_s'] * 1e3:.1f} ms/step, "
-          f"copy {result['memory_bw'] / 1e9:.1f} GB/s -> {args.out}")
+          f"copy {result['memory_bw'] / 1e9:.1f} GB/s, wrappers' host work {wrappers} ms per block -> {args.out}")
     return 0
 
 

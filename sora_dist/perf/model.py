@@ -29,6 +29,13 @@ Communication, each collective timed as latency + size x nccl-tests bus factor /
     gradients; as DTensor issues them (functional, out of place: bench-comm's
     all_reduce_functional); never overlapped.
   Recomputed blocks repeat their forward communication.
+Host work of the wrappers.  FSDP2's hooks and DTensor's dispatch under the TP plan cost host time
+  per block and step (measured by ``calibrate`` on one rank; 0 otherwise), slowed like compute
+  where ranks share cores. A device with streams runs ahead of the host, so there only what
+  exceeds the compute is exposed; on cpu the host is the device and all of it is.
+Rank skew.  Every blocking collective waits for the last rank to arrive; bench-comm measures that
+  wait per second of compute before it (OS noise, stragglers, ranks sharing cores), and the model
+  adds that fraction of a rank's compute and host work (0 without a measurement).
 Memory.  Parameters, gradients (fp32), AdamW moments (2 x fp32) and the EMA (fp32) are exact: the
   parameter shapes of the real module (built on the meta device), split by the real TP plan and
   chunked over FSDP's dimension 0 as FSDP2 does. Activations come from saved-tensor accounting of
@@ -123,6 +130,16 @@ class Calibration:
     """Cores that all ranks of a host share (cpu); 0 for a device per rank."""
     comm: dict[tuple[str, int, bool, int], tuple[float, float]] = field(default_factory=dict)
     """(op, group size, spans nodes, world size measured at) -> (latency s, bus bandwidth bytes/s)."""
+    wrapper_host_s: dict[str, float] = field(default_factory=dict)
+    """Host seconds per block and step that each wrapper adds ("tp", "fsdp"), measured on one rank."""
+    skew: dict[int, float] = field(default_factory=dict)
+    """World size -> seconds of waiting for the last rank per second of compute."""
+
+    def skew_at(self, world: int) -> float:
+        """The rank skew measured at this world size, else at the nearest one; 0 for one rank."""
+        if world == 1 or not self.skew:
+            return 0.0
+        return self.skew[min(self.skew, key=lambda w: (abs(w - world), w))]
 
     def link(self, op: str, n: int, across: bool, world: int) -> Optional[tuple[float, float]]:
         """The measurement at this world size, else the one at the nearest world size."""
@@ -137,6 +154,10 @@ class Prediction:
     optimizer_s: float
     comm_s: dict[str, float]
     """Exposed communication per mesh group: fsdp, hsdp, ddp, sp_ulysses, sp_ring, tp."""
+    host_s: float
+    """Exposed host work of the wrappers (FSDP2's hooks, DTensor's dispatch)."""
+    skew_s: float
+    """Waiting for the last rank at blocking collectives."""
     memory: dict[str, float]
     fits: bool
     step_s: float
@@ -348,7 +369,7 @@ def communication(work: Workload, layout: Layout, links: Links, compute_s: float
         rs = links.time("reduce_scatter", "fsdp", params * 4.0, shards, 1, calls)
         # FSDP2's copies: each all-gather copies the shard in and the gathered block out to the
         # parameters; each reduce-scatter first concatenates the block's gradients.
-        copies = links.copy(gathers * params * work.param_bytes * (1 + 1 / shards) + params * 4.0)
+        copies = links.copy(fsdp_copy_bytes(params, work.param_bytes, gathers, shards))
         total = ag + rs + copies
         comm["fsdp"] = _exposed(total, compute_s, overlap, (ag / gathers + rs) / calls)
         if dims.dp_replicate > 1:
@@ -380,6 +401,19 @@ def communication(work: Workload, layout: Layout, links: Links, compute_s: float
         comm["tp"] = (links.time(op, "tp", size, dims.tp, big, big) + links.time(op, "tp", text, dims.tp, 2 * m.depth, 2 * m.depth)
                       + links.time(op, "tp", 4 * m.head_dim, dims.tp, 4 * m.depth, 4 * m.depth))
     return comm
+
+
+def fsdp_copy_bytes(params: float, param_bytes: int, gathers: int, shards: int) -> float:
+    """Bytes FSDP2 copies per step: each all-gather copies the shard in and the gathered block out to
+    the parameters; each reduce-scatter first concatenates the block's fp32 gradients."""
+    return gathers * params * param_bytes * (1 + 1 / shards) + params * 4.0
+
+
+def wrapper_host_work(work: Workload, layout: Layout, cal: Calibration) -> float:
+    """Host seconds per step of the wrappers this layout uses, before core sharing."""
+    dims = layout.dims
+    per_block = (cal.wrapper_host_s.get("fsdp", 0.0) if sharded_dims(dims) > 1 else 0.0) + (cal.wrapper_host_s.get("tp", 0.0) if dims.tp > 1 else 0.0)
+    return per_block * work.model.depth
 
 
 def _exposed(total: float, hidden_behind: float, overlap: bool, unhidden: float) -> float:
@@ -428,11 +462,14 @@ def predict(work: Workload, layout: Layout, acc: Accelerator, devices_per_node: 
     compute_s = executed / rate
     optimizer_s = OPTIMIZER_BYTES_PER_PARAM * parameter_count_per_rank(work.model, dims) / memory_bw + cal.step_overhead_s
     comm = communication(work, layout, Links(acc, dims, devices_per_node, cal, sharing), compute_s, attention_flops(work, layout) / rate)
-    step_s = compute_s + optimizer_s + sum(comm.values())
+    host = wrapper_host_work(work, layout, cal) * sharing
+    host_s = max(0.0, host - compute_s) if acc.overlap else host
+    skew_s = cal.skew_at(dims.world_size) * (compute_s + host_s)
+    step_s = compute_s + optimizer_s + sum(comm.values()) + host_s + skew_s
     memory = memory_per_device(work, layout)
     b = work.global_batch // dims.dp
     return Prediction(
-        layout=layout, compute_s=compute_s, optimizer_s=optimizer_s, comm_s=comm, memory=memory,
+        layout=layout, compute_s=compute_s, optimizer_s=optimizer_s, comm_s=comm, host_s=host_s, skew_s=skew_s, memory=memory,
         fits=memory["total"] <= MEMORY_HEADROOM * acc.memory_bytes, step_s=step_s,
         mfu=model_flops / step_s / acc.peak_flops if acc.peak_flops else float("nan"),
         tokens_per_s_per_device=b * dims.dp * work.tokens / step_s / dims.world_size,

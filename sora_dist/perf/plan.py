@@ -7,7 +7,7 @@
 
 For every layout the trainer accepts (its own validation decides) x activation checkpointing
 (none, selective every 2nd block, full) x FSDP reshard-after-forward on/off, it predicts the step
-time split into compute, optimizer and exposed communication per mesh group, memory per device,
+time split into compute, optimizer, exposed communication per mesh group, wrappers' host work and rank skew, memory per device,
 MFU and tokens/s per device, ranks the layouts that fit by step time and prints the launch command
 of the best. ``sora_dist/perf/model.py`` states every term and overlap assumption.
 """
@@ -103,7 +103,7 @@ def format_plan(predictions: list[Prediction], work: Workload, acc: Accelerator,
     lines = [f"{work.model.depth}-block DiT, hidden {work.model.hidden_size} ({count_parameters(work.model) / 1e9:.2f}B parameters), latent {work.latent} = "
              f"{work.tokens} tokens, text {work.text_len}, global batch {work.global_batch}; {devices} x {acc.name} "
              f"({per_node} per node, {acc.platform}); {len(predictions)} layouts, {len(fitting)} fit in memory",
-             f"{'#':>3} {'layout':<58} {'step ms':>9} {'compute':>8} {'optim':>6} {'exposed comm ms (group)':<34} {'mem GiB':>8} {'MFU':>6} {'tok/s/dev':>10}"]
+             f"{'#':>3} {'layout':<58} {'step ms':>9} {'compute':>8} {'optim':>6} {'exposed comm, host, skew ms':<34} {'mem GiB':>8} {'MFU':>6} {'tok/s/dev':>10}"]
     for i, p in enumerate(predictions[:top], 1):
         lines.append(_row(i, p))
     unfit = [p for p in predictions if not p.fits]
@@ -135,7 +135,8 @@ def _budget(args) -> str:
 
 
 def _row(i: int, p: Prediction) -> str:
-    comm = " ".join(f"{k} {v * 1e3:.1f}" for k, v in p.comm_s.items() if v > 5e-5) or "-"
+    extra = {**p.comm_s, "host": p.host_s, "skew": p.skew_s}
+    comm = " ".join(f"{k} {v * 1e3:.1f}" for k, v in extra.items() if v > 5e-5) or "-"
     mark = "" if p.fits else " (no fit)"
     return (f"{i:>3} {p.layout.describe() + mark:<58} {p.step_s * 1e3:>9.1f} {p.compute_s * 1e3:>8.1f} {p.optimizer_s * 1e3:>6.1f} "
             f"{comm:<34} {p.memory['total'] / GIB:>8.1f} {p.mfu:>6.1%} {p.tokens_per_s_per_device:>10.0f}")

@@ -82,7 +82,7 @@ def compare(results: list[dict], calibration: Calibration) -> list[dict]:
         measured = r["step_s_median"]
         rows.append({"world_size": r["world_size"], "layout": layout.describe(), "global_batch": work.global_batch,
                      "predicted_s": p.step_s, "measured_s": measured, "error": p.step_s / measured - 1,
-                     "compute_s": p.compute_s, "optimizer_s": p.optimizer_s, "comm_s": p.comm_s})
+                     "compute_s": p.compute_s, "optimizer_s": p.optimizer_s, "comm_s": p.comm_s, "host_s": p.host_s, "skew_s": p.skew_s})
     return rows
 
 
@@ -107,9 +107,10 @@ def rankings(rows: list[dict]) -> dict[int, dict[str, list[str]]]:
 
 
 def format_report(rows: list[dict]) -> str:
-    lines = [f"{'ranks':>5} {'layout':<52} {'predicted ms':>12} {'measured ms':>11} {'error':>7}"]
+    lines = [f"{'ranks':>5} {'layout':<40} {'compute':>8} {'comm':>6} {'host':>6} {'skew':>6} {'predicted ms':>12} {'measured ms':>11} {'error':>7}"]
     for r in rows:
-        lines.append(f"{r['world_size']:>5} {r['layout']:<52} {r['predicted_s'] * 1e3:>12.1f} {r['measured_s'] * 1e3:>11.1f} {r['error']:>+7.1%}")
+        lines.append(f"{r['world_size']:>5} {r['layout']:<40} {(r['compute_s'] + r['optimizer_s']) * 1e3:>8.0f} {sum(r['comm_s'].values()) * 1e3:>6.0f} "
+                     f"{r['host_s'] * 1e3:>6.0f} {r['skew_s'] * 1e3:>6.0f} {r['predicted_s'] * 1e3:>12.1f} {r['measured_s'] * 1e3:>11.1f} {r['error']:>+7.1%}")
     errors = [abs(r["error"]) for r in rows]
     lines.append(f"median |error| {statistics.median(errors):.1%}, max |error| {max(errors):.1%} over {len(rows)} layouts")
     for world, order in rankings(rows).items():

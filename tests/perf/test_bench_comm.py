@@ -30,10 +30,10 @@ def test_sizes_climb_by_four_from_1k_and_parse_human_units():
 def run_bench(tmp_path, nproc: int, layout: list[str]) -> dict:
     out = tmp_path / f"comm{nproc}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "sora_dist.perf.bench_comm", "--max-bytes", "16K", "--iters", "2", "--warmup", "1", "--json", str(out), *layout]
+           "-m", "sora_dist.perf.bench_comm", "--max-bytes", "16K", "--iters", "2", "--warmup", "1", "--skew-bursts-ms", "5", "10", "--json", str(out), *layout]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "busbw" in result.stdout  # the table
+    assert "busbw" in result.stdout and "rank skew" in result.stdout  # the table
     return json.loads(out.read_text())
 
 
@@ -52,6 +52,7 @@ def test_every_mesh_dimension_of_a_layout_is_measured(tmp_path, nproc, layout, d
         expected_ops = {"all_gather", "reduce_scatter", "all_reduce", "all_to_all"} | {"sp_ring": {"send_recv"}, "tp": {"all_reduce_functional"}}.get(dim, set())
         assert {row["op"] for row in rows if row["dim"] == dim} == expected_ops
     assert sorted({row["bytes"] for row in rows}) == [1024, 4096, 16384]
+    assert [s["burst_ms"] for s in r["skew"]] == [5.0, 10.0] and all(s["wait_us"] >= 0 for s in r["skew"])
     for row in rows:
         algbw = row["bytes"] / (row["time_us"] * 1e-6)
         assert row["algbw_gbps"] == pytest.approx(algbw / 1e9)

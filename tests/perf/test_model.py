@@ -16,7 +16,7 @@ from sora_dist.models import DiTConfig, VideoDiT
 from sora_dist.parallel.activation import apply_activation_checkpointing
 from sora_dist.parallel.mesh import resolve_dims
 from sora_dist.perf.hardware import accelerator
-from sora_dist.perf.model import Layout, Workload, activation_bytes, candidate_layouts, predict, state_bytes_per_rank
+from sora_dist.perf.model import Calibration, Layout, Workload, activation_bytes, candidate_layouts, predict, state_bytes_per_rank
 from sora_dist.perf.plan import main as plan_main
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -97,6 +97,24 @@ def test_communication_and_checkpointing_cost_time_and_save_memory():
     slow_links = predict(Workload(model, (16, 64, 64), 128, 2), Layout(resolve_dims(ParallelConfig(sp_ulysses=4), 8, model)),
                          accelerator("h100", intra_bw=5e9), 8)
     assert slow_links.comm_s["sp_ulysses"] > 10 * ulysses.comm_s["sp_ulysses"]
+
+
+def test_wrappers_host_work_and_rank_skew_enter_the_step_where_they_are_exposed():
+    model = resolve_model_config(ModelConfig(preset="debug", hidden_size=256, depth=4, num_heads=8), 16, 4096)
+    work = Workload(model, (4, 32, 32), 128, 4, 4, 4)
+    cal = Calibration(flops_rate=2e10, memory_bw=1e10, shared_cores=2, wrapper_host_s={"tp": 0.05, "fsdp": 0.02}, skew={2: 0.1})
+    cpu = accelerator("h100", overlap=False)
+
+    def at(world, acc=cpu, calibration=cal, **parallel):
+        return predict(work, Layout(resolve_dims(ParallelConfig(**parallel), world, model)), acc, world, calibration)
+
+    tp, fsdp, ddp, single = at(2, tp=2), at(2), at(2, engine="ddp"), at(1)
+    assert tp.host_s == pytest.approx(4 * 0.05) and fsdp.host_s == pytest.approx(4 * 0.02) and ddp.host_s == 0
+    assert at(4, tp=2).host_s == pytest.approx(4 * (0.05 + 0.02) * 2)  # FSDP over the other 2, 4 ranks on 2 cores
+    assert fsdp.skew_s == pytest.approx(0.1 * (fsdp.compute_s + fsdp.host_s)) and single.skew_s == 0
+    assert fsdp.step_s == pytest.approx(fsdp.compute_s + fsdp.optimizer_s + sum(fsdp.comm_s.values()) + fsdp.host_s + fsdp.skew_s)
+    assert at(2, acc=accelerator("h100"), tp=2).host_s == 0  # a device with streams runs ahead of its host
+    assert at(2, calibration=Calibration(flops_rate=2e10), tp=2).host_s == 0  # nothing measured, nothing added
 
 
 def test_plan_prints_ranked_layouts_and_launch_commands(capsys):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from sora_dist.perf.bench_comm import bus_factor
+from sora_dist.perf.bench_comm import bus_factor, skew_slope
 from sora_dist.perf.calibration import fit_latency_bandwidth, load_calibration
 from sora_dist.perf.plan import main as plan_main
 
@@ -31,6 +31,18 @@ def test_link_fit_recovers_latency_and_bandwidth():
     assert fitted_bw == pytest.approx(busbw, rel=0.01)
 
 
+def test_rank_skew_is_the_slope_of_the_wait_on_the_compute_before_it(tmp_path):
+    rows = [{"burst_ms": b, "wait_us": (0.3 + 0.08 * b) * 1e3} for b in (20.0, 50.0, 100.0, 200.0)]
+    assert skew_slope(rows) == pytest.approx(0.08)  # the fixed part is the collective's, not skew
+    assert skew_slope([{"burst_ms": 50.0, "wait_us": 0.0}, {"burst_ms": 100.0, "wait_us": 0.0}]) == 0.0
+    comm = {"world_size": 4, "local_world_size": 4, "degrees": {}, "rows": [], "skew": rows}
+    for name, world in (("a.json", 4), ("b.json", 2)):
+        (tmp_path / name).write_text(json.dumps({**comm, "world_size": world}))
+    cal = load_calibration([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    assert cal.skew == pytest.approx({4: 0.08, 2: 0.08})
+    assert cal.skew_at(1) == 0.0 and cal.skew_at(8) == pytest.approx(0.08)
+
+
 def test_calibrate_sweep_and_report_predict_measured_layouts(tmp_path):
     calib = tmp_path / "calib.json"
     out = sora_dist("calibrate", *TINY, "--batches", "1", "2", "--steps", "2", "--out", str(calib))
@@ -38,6 +50,9 @@ def test_calibrate_sweep_and_report_predict_measured_layouts(tmp_path):
     data = json.loads(calib.read_text())
     assert data["kind"] == "calibration" and data["flops_rate"] > 0 and data["memory_bw"] > 0 and data["fresh_write_bw"] > 0
     assert len(data["runs"]) == 2 and load_calibration([str(calib)]).flops_rate == data["flops_rate"]
+    wrappers = data["wrapper_host_s_per_block"]  # measured on a 1-rank mesh, per block and step
+    assert set(wrappers) == {"tp", "fsdp"} and all(0 <= s < 1 for s in wrappers.values())
+    assert load_calibration([str(calib)]).wrapper_host_s == wrappers
 
     sweep = tmp_path / "sweep"
     out = sora_dist("bench-scaling", *TINY, "--global-batch", "2", "--steps", "2", "--warmup", "1", "--threads", "1",
