@@ -150,17 +150,23 @@ def time_op(run: Callable[[], None], group, dev: device_lib.Device, warmup: int,
 
 
 def compute_burst(seconds: float, dev: device_lib.Device) -> Callable[[], None] | None:
-    """A closure of matmuls that takes about ``seconds`` on this device, or None for 0."""
+    """A closure of matmuls that takes about ``seconds`` on this device, or None for 0. Every rank
+    gets the same number of matmuls (the mean of what each rank timed), as every rank of a layout
+    computes the same work: a rank that timed its matmuls while others were still starting would
+    otherwise run more of them every time and show up as skew."""
     if seconds <= 0:
         return None
     a = torch.randn(512, 512, device=dev.torch_device)
     dev.synchronize()
+    dist.barrier()  # every rank times its matmuls under the same sharing of the host
     start, calls = time.perf_counter(), 0
     while time.perf_counter() - start < 0.05:
         a @ a
         calls += 1
         dev.synchronize()
-    repeats = max(1, round(seconds / ((time.perf_counter() - start) / calls)))
+    agreed = torch.tensor([seconds / ((time.perf_counter() - start) / calls)], dtype=torch.float64, device=dev.torch_device)
+    dist.all_reduce(agreed)
+    repeats = max(1, round(agreed.item() / dist.get_world_size()))
     return lambda: [a @ a for _ in range(repeats)]
 
 

@@ -6,7 +6,7 @@
   sora-dist scaling-report results/*.json --calibration calib.json comm*.json --out scaling/
 
 ``bench-scaling`` runs bench-train under torchrun for each layout (``WORLD:OVERRIDES``; all in one
-allocation, one after another) and writes each result's JSON; other ``--section.key=value``
+allocation, one after another, ``--repeats`` rounds) and writes each result's JSON; other ``--section.key=value``
 arguments (``--model.hidden_size=256``) go to every run. ``scaling-report`` reads bench-train
 JSON from separate jobs. Both print predicted against measured step time with the error, the
 ranking of the layouts within each world size, and plot them (``report.png``).
@@ -50,26 +50,40 @@ def per_rank_batch(global_batch: int, world: int, overrides: list[str], preset: 
 
 
 def run_layouts(args) -> list[Path]:
+    """Each layout ``--repeats`` times, round robin (so a slow spell of a shared host falls on every
+    layout, not on one); a layout's step time is the median of its runs' medians."""
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "repeats").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
-    paths, started = [], time.perf_counter()
-    for i, spec in enumerate(args.layouts):
-        world, overrides = parse_layout(spec)
-        batch = per_rank_batch(args.global_batch, world, [*args.common, *overrides], args.preset)
-        path = out / f"run{i:02d}_w{world}.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), "-m", "sora_dist.perf.bench_train",
-               "--preset", args.preset, "--latent", *map(str, args.latent), "--batch", str(batch), "--text-len", str(args.text_len),
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--json", str(path), *args.common, *overrides]
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-        if result.returncode != 0:
-            raise SystemExit(f"bench-train failed for {spec!r}:\n{result.stderr[-3000:]}")
+    runs: dict[int, list[dict]] = {}
+    started, total = time.perf_counter(), args.repeats * len(args.layouts)
+    for repeat in range(args.repeats):
+        for i, spec in enumerate(args.layouts):
+            runs.setdefault(i, []).append(_bench_layout(args, spec, out / "repeats" / f"run{i:02d}_r{repeat}.json", env))
+            done = repeat * len(args.layouts) + i + 1
+            elapsed = time.perf_counter() - started
+            print(f"bench-scaling: {done}/{total} {spec or '1'}: {runs[i][-1]['step_s_median'] * 1e3:.1f} ms "
+                  f"(elapsed {elapsed:.0f} s, ETA {elapsed / done * (total - done):.0f} s)", flush=True)
+    paths = []
+    for i, results in runs.items():
+        medians = [r["step_s_median"] for r in results]
+        path = out / f"run{i:02d}_w{results[0]['world_size']}.json"
+        path.write_text(json.dumps({**results[0], "step_s_median": statistics.median(medians), "step_s_repeats": medians}, indent=2))
         paths.append(path)
-        elapsed = time.perf_counter() - started
-        eta = elapsed / (i + 1) * (len(args.layouts) - i - 1)
-        print(f"bench-scaling: {i + 1}/{len(args.layouts)} {spec or '1'}: {json.loads(path.read_text())['step_s_median'] * 1e3:.1f} ms "
-              f"(elapsed {elapsed:.0f} s, ETA {eta:.0f} s)", flush=True)
     return paths
+
+
+def _bench_layout(args, spec: str, path: Path, env: dict) -> dict:
+    """One bench-train run of a ``WORLD:OVERRIDES`` layout under torchrun; its JSON result."""
+    world, overrides = parse_layout(spec)
+    batch = per_rank_batch(args.global_batch, world, [*args.common, *overrides], args.preset)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), "-m", "sora_dist.perf.bench_train",
+           "--preset", args.preset, "--latent", *map(str, args.latent), "--batch", str(batch), "--text-len", str(args.text_len),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--json", str(path), *args.common, *overrides]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    if result.returncode != 0:
+        raise SystemExit(f"bench-train failed for {spec!r}:\n{result.stderr[-3000:]}")
+    return json.loads(path.read_text())
 
 
 def compare(results: list[dict], calibration: Calibration) -> list[dict]:
@@ -81,7 +95,7 @@ def compare(results: list[dict], calibration: Calibration) -> list[dict]:
         p = predict(work, layout, acc, r.get("local_world_size", r["world_size"]), calibration)
         measured = r["step_s_median"]
         rows.append({"world_size": r["world_size"], "layout": layout.describe(), "global_batch": work.global_batch,
-                     "predicted_s": p.step_s, "measured_s": measured, "error": p.step_s / measured - 1,
+                     "predicted_s": p.step_s, "measured_s": measured, "measured_repeats_s": r.get("step_s_repeats", [measured]), "error": p.step_s / measured - 1,
                      "compute_s": p.compute_s, "optimizer_s": p.optimizer_s, "comm_s": p.comm_s, "host_s": p.host_s, "skew_s": p.skew_s})
     return rows
 
@@ -107,10 +121,11 @@ def rankings(rows: list[dict]) -> dict[int, dict[str, list[str]]]:
 
 
 def format_report(rows: list[dict]) -> str:
-    lines = [f"{'ranks':>5} {'layout':<40} {'compute':>8} {'comm':>6} {'host':>6} {'skew':>6} {'predicted ms':>12} {'measured ms':>11} {'error':>7}"]
+    lines = [f"{'ranks':>5} {'layout':<40} {'compute':>8} {'comm':>6} {'host':>6} {'skew':>6} {'predicted ms':>12} {'measured ms':>11} {'error':>7}  runs (ms)"]
     for r in rows:
+        runs = " ".join(f"{s * 1e3:.0f}" for s in r["measured_repeats_s"]) if len(r["measured_repeats_s"]) > 1 else ""
         lines.append(f"{r['world_size']:>5} {r['layout']:<40} {(r['compute_s'] + r['optimizer_s']) * 1e3:>8.0f} {sum(r['comm_s'].values()) * 1e3:>6.0f} "
-                     f"{r['host_s'] * 1e3:>6.0f} {r['skew_s'] * 1e3:>6.0f} {r['predicted_s'] * 1e3:>12.1f} {r['measured_s'] * 1e3:>11.1f} {r['error']:>+7.1%}")
+                     f"{r['host_s'] * 1e3:>6.0f} {r['skew_s'] * 1e3:>6.0f} {r['predicted_s'] * 1e3:>12.1f} {r['measured_s'] * 1e3:>11.1f} {r['error']:>+7.1%}  {runs}")
     errors = [abs(r["error"]) for r in rows]
     lines.append(f"median |error| {statistics.median(errors):.1%}, max |error| {max(errors):.1%} over {len(rows)} layouts")
     for world, order in rankings(rows).items():
@@ -174,6 +189,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--layouts", nargs="+", required=True, help="WORLD or WORLD:OVERRIDES, e.g. '4:--parallel.tp=2'")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of every layout, round robin; the median of their medians counts")
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for each rank (cpu)")
     parser.add_argument("--timeout", type=int, default=900)
     args, args.common = parser.parse_known_args(argv)

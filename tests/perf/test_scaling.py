@@ -55,13 +55,14 @@ def test_calibrate_sweep_and_report_predict_measured_layouts(tmp_path):
     assert load_calibration([str(calib)]).wrapper_host_s == wrappers
 
     sweep = tmp_path / "sweep"
-    out = sora_dist("bench-scaling", *TINY, "--global-batch", "2", "--steps", "2", "--warmup", "1", "--threads", "1",
+    out = sora_dist("bench-scaling", *TINY, "--global-batch", "2", "--steps", "2", "--warmup", "1", "--threads", "1", "--repeats", "2",
                     "--layouts", "1", "2:--parallel.engine=ddp", "--calibration", str(calib), "--out", str(sweep))
     assert "ETA" in out and "median |error|" in out
     report = json.loads((sweep / "report.json").read_text())
     assert [r["world_size"] for r in report["rows"]] == [1, 2]
     for row in report["rows"]:
         assert row["predicted_s"] > 0 and row["error"] == pytest.approx(row["predicted_s"] / row["measured_s"] - 1)
+        assert len(row["measured_repeats_s"]) == 2 and row["measured_s"] == pytest.approx(sum(row["measured_repeats_s"]) / 2)
     assert report["rows"][1]["comm_s"]["ddp"] > 0  # the DDP all-reduce is in the prediction
     assert (sweep / "report.png").stat().st_size > 5_000
 
