@@ -29,11 +29,11 @@ row; the performance model (sora-dist plan --calibration) fits latency and bandw
 
 Rank skew: ranks that compute the same work do not reach the next collective at the same moment
 (OS noise, stragglers, and on cpu, ranks sharing cores and descheduled in turn), so every blocking
-collective also waits for the last rank. bench-comm measures it: each rank runs a burst of
-matmuls (--skew-bursts-ms, several lengths), then a one-element all-reduce over the world; the
-wait, averaged over the ranks, less the back-to-back time of that all-reduce, against the burst
-length, gives the skew: seconds of waiting per second of compute (a least-squares slope). The
-performance model adds that fraction of each rank's compute to the step.
+collective also waits for the last rank. bench-comm measures it: every rank runs the same burst
+of matmuls (--skew-bursts-ms, several lengths), then a one-element all-reduce over the world; the
+wait, averaged over the ranks, less the back-to-back time of that all-reduce, is the skew after a
+burst of that length. The performance model interpolates it at the compute between a layout's
+blocking collectives and adds it at each of them.
 """
 
 from __future__ import annotations
@@ -186,16 +186,6 @@ def rank_skew(dev: device_lib.Device, bursts_ms: list[float], iters: int) -> lis
     return rows
 
 
-def skew_slope(rows: list[dict]) -> float:
-    """Seconds of waiting per second of compute: the least-squares slope of wait on burst length."""
-    if len(rows) < 2:
-        return rows[0]["wait_us"] / 1e3 / rows[0]["burst_ms"] if rows else 0.0
-    xs, ys = [r["burst_ms"] for r in rows], [r["wait_us"] / 1e3 for r in rows]
-    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
-    return max(0.0, slope)
-
-
 def mean_over_ranks(seconds: float, device: torch.device) -> float:
     value = torch.tensor([seconds], dtype=torch.float64, device=device)
     dist.all_reduce(value)
@@ -266,8 +256,8 @@ def format_table(result: dict) -> str:
             cells = {r["op"]: r for r in rows if r["bytes"] == nbytes}
             lines.append(f"{_human(nbytes):>10} " + " ".join(f"{cells[op]['time_us']:>16.1f} {cells[op]['busbw_gbps']:>7.2f}" for op in ops))
     if result.get("skew"):
-        waits = ", ".join(f"{r['wait_us'] / 1e3:.2f} ms after {r['burst_ms']:g} ms" for r in result["skew"])
-        lines.append(f"\nrank skew over the world: {skew_slope(result['skew']):.1%} of compute ({waits})")
+        waits = ", ".join(f"{r['wait_us'] / 1e3:.2f} ms after {r['burst_ms']:g} ms ({r['wait_us'] / 1e3 / r['burst_ms']:.1%})" for r in result["skew"])
+        lines.append(f"\nrank skew over the world, the wait for the last rank: {waits}")
     return "\n".join(lines)
 
 
@@ -287,7 +277,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--after-compute-ms", type=float, default=0.0,
                         help="run this many ms of matmuls (untimed) before each timed call, as training does between collectives")
-    parser.add_argument("--skew-bursts-ms", type=float, nargs="*", default=[20.0, 50.0, 100.0, 200.0],
+    parser.add_argument("--skew-bursts-ms", type=float, nargs="*", default=[25.0, 100.0, 400.0, 1600.0],
                         help="compute bursts (ms) after which the rank skew is measured; none to skip it")
     parser.add_argument("--json", default="", help="also write every row to this JSON file")
     return parser.parse_known_args(argv)

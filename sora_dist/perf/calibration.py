@@ -36,7 +36,7 @@ from sora_dist.parallel import apply_fsdp, build_mesh, make_engine, materialize
 from sora_dist.parallel.mesh import MESH_DIMS, ParallelDims
 from sora_dist.parallel.tensor import apply_tensor_parallel
 from sora_dist.perf import bench_train
-from sora_dist.perf.bench_comm import bus_factor, skew_slope
+from sora_dist.perf.bench_comm import bus_factor
 from sora_dist.perf.model import (OPTIMIZER_BYTES_PER_PARAM, Calibration, Layout, Workload, compute_flops, fsdp_copy_bytes,
                                   group_spans_nodes, parameter_count_per_rank, tp_local_parameter_count)
 
@@ -70,12 +70,13 @@ def fresh_write_bandwidth(dev: device_lib.Device, nbytes: int = 8 * 1024**2, rep
     return nbytes / sorted(times)[len(times) // 2]
 
 
-def wrapper_host_overhead(args, dev: device_lib.Device, fresh_write_bw: float, repeats: int = 2) -> dict[str, float]:
+def wrapper_host_overhead(args, dev: device_lib.Device, fresh_write_bw: float, repeats: int = 3) -> dict[str, float]:
     """Host seconds per block per step that the TP plan and FSDP2 add to a step, on one rank.
 
-    The calibration's step (smallest batch) is timed plain, under each wrapper and plain again, on
-    a 1-rank mesh, ``repeats`` rounds; a wrapper's cost is its median less the plain median. FSDP's
-    copies, which the model counts itself (``fsdp_copy_bytes``), are taken out of its share."""
+    The calibration's step (smallest batch) is timed plain and under each wrapper on a 1-rank mesh,
+    ``repeats`` rounds; a wrapper's cost is its fastest step less the fastest plain step (noise on
+    a shared host only ever adds time). FSDP's copies, which the model counts itself
+    (``fsdp_copy_bytes``), are taken out of its share."""
     owned = not dist.is_initialized()
     if owned:
         dist.init_process_group(dev.comm_backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -89,10 +90,9 @@ def wrapper_host_overhead(args, dev: device_lib.Device, fresh_write_bw: float, r
     finally:
         if owned:
             dist.destroy_process_group()
-    plain = sorted(times["plain"])[len(times["plain"]) // 2]
     params = tp_local_parameter_count(model_cfg, 1)
     copies = fsdp_copy_bytes(params, 4 if autocast_dtype(cfg, dev) is None else 2, 2, 1) / fresh_write_bw
-    cost = {w: sorted(times[w])[len(times[w]) // 2] - plain for w in WRAPPERS}
+    cost = {w: min(times[w]) - min(times["plain"]) for w in WRAPPERS}
     cost["fsdp"] -= copies
     return {w: max(0.0, c) / model_cfg.depth for w, c in cost.items()}
 
@@ -114,8 +114,7 @@ def _one_rank_step_s(cfg, dev: device_lib.Device, model_cfg: DiTConfig, wrapper:
     optimizer, scheduler = build_optimizer(model, cfg)
     engine = make_engine(model, cfg.parallel, dims, mesh, dev.torch_device, optimizer, scheduler, cfg.optim.grad_clip, 1, dtype is not None)
     step = bench_train.training_step(cfg, dev, engine, dtype, 1, min(args.batches), tuple(args.latent), 128)
-    times = bench_train.timed(step, dev, 2, args.steps)
-    return sorted(times)[len(times) // 2]
+    return min(bench_train.timed(step, dev, 2, args.steps))
 
 
 def workload_and_layout(result: dict) -> tuple[Workload, Layout]:
@@ -174,14 +173,14 @@ def load_calibration(paths: list[str]) -> Calibration:
     """One Calibration from any mix of ``calibrate`` and bench-comm JSON files."""
     cal = Calibration()
     measured: dict[tuple, list[tuple[float, float]]] = {}
-    skews: dict[int, list[float]] = {}
+    skews: dict[int, dict[float, list[float]]] = {}
     for path in paths:
         data = json.loads(Path(path).read_text())
         if "rows" in data:
             for key, fit in fit_links(data):
                 measured.setdefault(key, []).append(fit)
-            if data.get("skew"):
-                skews.setdefault(data["world_size"], []).append(skew_slope(data["skew"]))
+            for row in data.get("skew", []):
+                skews.setdefault(data["world_size"], {}).setdefault(row["burst_ms"] / 1e3, []).append(row["wait_us"] / 1e6)
         elif data.get("kind") == "calibration":
             cal.flops_rate, cal.step_overhead_s = data["flops_rate"], data["step_overhead_s"]
             cal.memory_bw, cal.shared_cores = data["memory_bw"], data.get("shared_cores", 0)
@@ -191,7 +190,8 @@ def load_calibration(paths: list[str]) -> Calibration:
             raise ConfigError(f"{path} is neither a `sora-dist calibrate` nor a bench-comm JSON file")
     # Groups of one size measured on several dimensions or runs: mean latency, mean time per byte.
     cal.comm = {key: (sum(f[0] for f in fits) / len(fits), len(fits) / sum(1 / f[1] for f in fits)) for key, fits in measured.items()}
-    cal.skew = {world: sum(values) / len(values) for world, values in skews.items()}
+    # Rank skew per world size: the mean wait after each burst length over the runs that measured it.
+    cal.skew = {world: tuple((burst, sum(w) / len(w)) for burst, w in sorted(curve.items())) for world, curve in skews.items()}
     return cal
 
 

@@ -33,9 +33,12 @@ Host work of the wrappers.  FSDP2's hooks and DTensor's dispatch under the TP pl
   per block and step (measured by ``calibrate`` on one rank; 0 otherwise), slowed like compute
   where ranks share cores. A device with streams runs ahead of the host, so there only what
   exceeds the compute is exposed; on cpu the host is the device and all of it is.
-Rank skew.  Every blocking collective waits for the last rank to arrive; bench-comm measures that
-  wait per second of compute before it (OS noise, stragglers, ranks sharing cores), and the model
-  adds that fraction of a rank's compute and host work (0 without a measurement).
+Rank skew.  Every blocking collective waits for the last rank to arrive. bench-comm measures that
+  wait after bursts of compute of several lengths (OS noise, stragglers, ranks sharing cores);
+  the model splits a rank's compute and host work evenly between its blocking collectives (every
+  collective above but DDP's buckets, which complete behind the backward, plus one at the end of
+  the step) and adds, at each, the wait interpolated at that burst length (0 without a
+  measurement).
 Memory.  Parameters, gradients (fp32), AdamW moments (2 x fp32) and the EMA (fp32) are exact: the
   parameter shapes of the real module (built on the meta device), split by the real TP plan and
   chunked over FSDP's dimension 0 as FSDP2 does. Activations come from saved-tensor accounting of
@@ -132,14 +135,22 @@ class Calibration:
     """(op, group size, spans nodes, world size measured at) -> (latency s, bus bandwidth bytes/s)."""
     wrapper_host_s: dict[str, float] = field(default_factory=dict)
     """Host seconds per block and step that each wrapper adds ("tp", "fsdp"), measured on one rank."""
-    skew: dict[int, float] = field(default_factory=dict)
-    """World size -> seconds of waiting for the last rank per second of compute."""
+    skew: dict[int, tuple[tuple[float, float], ...]] = field(default_factory=dict)
+    """World size -> (burst seconds, seconds of waiting for the last rank after it), by burst."""
 
-    def skew_at(self, world: int) -> float:
-        """The rank skew measured at this world size, else at the nearest one; 0 for one rank."""
+    def skew_after(self, world: int, burst_s: float) -> float:
+        """Seconds a blocking collective waits for the last rank after ``burst_s`` of compute, at
+        this world size (else the nearest measured): linear between the measured bursts and from
+        (0, 0), in proportion beyond the longest; 0 for one rank or without a measurement."""
         if world == 1 or not self.skew:
             return 0.0
-        return self.skew[min(self.skew, key=lambda w: (abs(w - world), w))]
+        curve = ((0.0, 0.0), *self.skew[min(self.skew, key=lambda w: (abs(w - world), w))])
+        if burst_s >= curve[-1][0]:
+            return curve[-1][1] * burst_s / curve[-1][0] if curve[-1][0] else 0.0
+        for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+            if burst_s <= x1:
+                return y0 + (y1 - y0) * (burst_s - x0) / (x1 - x0)
+        return 0.0
 
     def link(self, op: str, n: int, across: bool, world: int) -> Optional[tuple[float, float]]:
         """The measurement at this world size, else the one at the nearest world size."""
@@ -329,6 +340,8 @@ class Links:
 
     def __init__(self, acc: Accelerator, dims: ParallelDims, devices_per_node: int, calibration: Calibration, sharing: float = 1.0):
         self.acc, self.dims, self.per_node, self.cal, self.sharing = acc, dims, devices_per_node, calibration, sharing
+        self.blocking_calls = 0.0
+        """Collectives timed so far that a rank waits for (where the rank skew is paid)."""
 
     def copy(self, nbytes: float) -> float:
         """Seconds to write ``nbytes`` into newly allocated memory (calibrated; the HBM bandwidth
@@ -339,10 +352,12 @@ class Links:
         names = {"fsdp": ("dp_shard", "sp_ring", "sp_ulysses"), "ddp": ("dp_replicate", "dp_shard", "sp_ring", "sp_ulysses")}.get(group, (group,))
         return group_spans_nodes(dict(zip(MESH_DIMS, self.dims.degrees)), names, self.per_node)
 
-    def time(self, op: str, group: str, size: float, n: int, count: float = 1.0, calls: float = 1.0) -> float:
-        """``count`` times an ``op`` of ``size`` bytes over ``n`` ranks, issued as ``calls`` collectives."""
+    def time(self, op: str, group: str, size: float, n: int, count: float = 1.0, calls: float = 1.0, blocking: bool = True) -> float:
+        """``count`` times an ``op`` of ``size`` bytes over ``n`` ranks, issued as ``calls`` collectives
+        (``blocking``: each one a point where the ranks wait for each other)."""
         if n <= 1 or count == 0:
             return 0.0
+        self.blocking_calls += calls if blocking else 0
         across = self.spans_nodes(group)
         latency, busbw = self.cal.link(op, n, across, self.dims.world_size) or self._default(across)
         return count * (size * bus_factor(op, n) / busbw) + calls * latency
@@ -377,7 +392,7 @@ def communication(work: Workload, layout: Layout, links: Links, compute_s: float
             comm["hsdp"] = _exposed(ar, max(0.0, compute_s - total), overlap, ar / calls)
     if dims.engine == "ddp" and dims.world_size > 1:
         size = params * 4.0
-        ar = links.time("all_reduce", "ddp", size, dims.dp * dims.sp, 1, math.ceil(size / DDP_BUCKET_BYTES))
+        ar = links.time("all_reduce", "ddp", size, dims.dp * dims.sp, 1, math.ceil(size / DDP_BUCKET_BYTES), blocking=False)
         comm["ddp"] = _exposed(ar, compute_s, overlap, ar / math.ceil(size / DDP_BUCKET_BYTES))
     width = m.hidden_size / dims.tp
     if dims.sp_ulysses > 1:
@@ -461,10 +476,12 @@ def predict(work: Workload, layout: Layout, acc: Accelerator, devices_per_node: 
     executed, model_flops = compute_flops(work, layout)
     compute_s = executed / rate
     optimizer_s = OPTIMIZER_BYTES_PER_PARAM * parameter_count_per_rank(work.model, dims) / memory_bw + cal.step_overhead_s
-    comm = communication(work, layout, Links(acc, dims, devices_per_node, cal, sharing), compute_s, attention_flops(work, layout) / rate)
+    links = Links(acc, dims, devices_per_node, cal, sharing)
+    comm = communication(work, layout, links, compute_s, attention_flops(work, layout) / rate)
     host = wrapper_host_work(work, layout, cal) * sharing
     host_s = max(0.0, host - compute_s) if acc.overlap else host
-    skew_s = cal.skew_at(dims.world_size) * (compute_s + host_s)
+    syncs = links.blocking_calls + 1  # and the end of the step (gradient norm, DDP's last bucket)
+    skew_s = syncs * cal.skew_after(dims.world_size, (compute_s + host_s) / syncs) if dims.world_size > 1 else 0.0
     step_s = compute_s + optimizer_s + sum(comm.values()) + host_s + skew_s
     memory = memory_per_device(work, layout)
     b = work.global_batch // dims.dp

@@ -102,7 +102,7 @@ def test_communication_and_checkpointing_cost_time_and_save_memory():
 def test_wrappers_host_work_and_rank_skew_enter_the_step_where_they_are_exposed():
     model = resolve_model_config(ModelConfig(preset="debug", hidden_size=256, depth=4, num_heads=8), 16, 4096)
     work = Workload(model, (4, 32, 32), 128, 4, 4, 4)
-    cal = Calibration(flops_rate=2e10, memory_bw=1e10, shared_cores=2, wrapper_host_s={"tp": 0.05, "fsdp": 0.02}, skew={2: 0.1})
+    cal = Calibration(flops_rate=2e10, memory_bw=1e10, shared_cores=2, wrapper_host_s={"tp": 0.05, "fsdp": 0.02}, skew={2: ((10.0, 1.0),)})
     cpu = accelerator("h100", overlap=False)
 
     def at(world, acc=cpu, calibration=cal, **parallel):
@@ -111,7 +111,12 @@ def test_wrappers_host_work_and_rank_skew_enter_the_step_where_they_are_exposed(
     tp, fsdp, ddp, single = at(2, tp=2), at(2), at(2, engine="ddp"), at(1)
     assert tp.host_s == pytest.approx(4 * 0.05) and fsdp.host_s == pytest.approx(4 * 0.02) and ddp.host_s == 0
     assert at(4, tp=2).host_s == pytest.approx(4 * (0.05 + 0.02) * 2)  # FSDP over the other 2, 4 ranks on 2 cores
+    # 10% of compute at any burst below 10 s: the skew is that share whatever the collectives' count.
     assert fsdp.skew_s == pytest.approx(0.1 * (fsdp.compute_s + fsdp.host_s)) and single.skew_s == 0
+    longer = Calibration(**{**cal.__dict__, "skew": {2: ((0.01, 0.001), (10.0, 0.001))}})  # a fixed 1 ms per collective
+    syncs = 3 * (4 + 1) + 1  # FSDP: 2 all-gathers and a reduce-scatter per block and the root, and the end of the step
+    assert at(2, calibration=longer).skew_s == pytest.approx(syncs * 0.001, rel=0.01)
+    assert at(2, calibration=longer, engine="ddp").skew_s == pytest.approx(0.001, rel=0.01)  # buckets finish behind the backward
     assert fsdp.step_s == pytest.approx(fsdp.compute_s + fsdp.optimizer_s + sum(fsdp.comm_s.values()) + fsdp.host_s + fsdp.skew_s)
     assert at(2, acc=accelerator("h100"), tp=2).host_s == 0  # a device with streams runs ahead of its host
     assert at(2, calibration=Calibration(flops_rate=2e10), tp=2).host_s == 0  # nothing measured, nothing added

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from sora_dist.perf.bench_comm import bus_factor, skew_slope
+from sora_dist.perf.bench_comm import bus_factor
 from sora_dist.perf.calibration import fit_latency_bandwidth, load_calibration
 from sora_dist.perf.plan import main as plan_main
 
@@ -31,16 +31,20 @@ def test_link_fit_recovers_latency_and_bandwidth():
     assert fitted_bw == pytest.approx(busbw, rel=0.01)
 
 
-def test_rank_skew_is_the_slope_of_the_wait_on_the_compute_before_it(tmp_path):
-    rows = [{"burst_ms": b, "wait_us": (0.3 + 0.08 * b) * 1e3} for b in (20.0, 50.0, 100.0, 200.0)]
-    assert skew_slope(rows) == pytest.approx(0.08)  # the fixed part is the collective's, not skew
-    assert skew_slope([{"burst_ms": 50.0, "wait_us": 0.0}, {"burst_ms": 100.0, "wait_us": 0.0}]) == 0.0
-    comm = {"world_size": 4, "local_world_size": 4, "degrees": {}, "rows": [], "skew": rows}
-    for name, world in (("a.json", 4), ("b.json", 2)):
-        (tmp_path / name).write_text(json.dumps({**comm, "world_size": world}))
-    cal = load_calibration([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
-    assert cal.skew == pytest.approx({4: 0.08, 2: 0.08})
-    assert cal.skew_at(1) == 0.0 and cal.skew_at(8) == pytest.approx(0.08)
+def test_rank_skew_curves_are_averaged_per_world_size_and_interpolated(tmp_path):
+    comm = {"local_world_size": 4, "degrees": {}, "rows": []}
+    runs = {"a.json": (4, [(25.0, 5.0), (100.0, 30.0)]), "b.json": (4, [(25.0, 7.0), (100.0, 10.0)]), "c.json": (2, [(100.0, 1.0)])}
+    for name, (world, waits) in runs.items():
+        skew = [{"burst_ms": b, "wait_us": w * 1e3} for b, w in waits]
+        (tmp_path / name).write_text(json.dumps({**comm, "world_size": world, "skew": skew}))
+    cal = load_calibration([str(tmp_path / name) for name in runs])
+    assert [pytest.approx(point) for point in cal.skew[4]] == [(0.025, 0.006), (0.1, 0.02)]  # ms -> s, mean of the two runs
+    assert cal.skew_after(4, 0.025) == pytest.approx(0.006)
+    assert cal.skew_after(4, 0.0625) == pytest.approx(0.013)  # halfway between the bursts
+    assert cal.skew_after(4, 0.0125) == pytest.approx(0.003)  # from (0, 0)
+    assert cal.skew_after(4, 0.4) == pytest.approx(0.08)  # in proportion beyond the longest burst
+    assert cal.skew_after(2, 0.1) == pytest.approx(0.001) and cal.skew_after(3, 0.1) == pytest.approx(0.001)  # nearest world
+    assert cal.skew_after(1, 0.1) == 0.0 and load_calibration([]).skew_after(4, 0.1) == 0.0
 
 
 def test_calibrate_sweep_and_report_predict_measured_layouts(tmp_path):
