@@ -164,9 +164,7 @@ def compute_burst(seconds: float, dev: device_lib.Device) -> Callable[[], None] 
         a @ a
         calls += 1
         dev.synchronize()
-    agreed = torch.tensor([seconds / ((time.perf_counter() - start) / calls)], dtype=torch.float64, device=dev.torch_device)
-    dist.all_reduce(agreed)
-    repeats = max(1, round(agreed.item() / dist.get_world_size()))
+    repeats = max(1, round(mean_over_ranks(seconds / ((time.perf_counter() - start) / calls), dev.torch_device)))
     return lambda: [a @ a for _ in range(repeats)]
 
 
@@ -186,16 +184,19 @@ def rank_skew(dev: device_lib.Device, bursts_ms: list[float], iters: int) -> lis
     return rows
 
 
-def mean_over_ranks(seconds: float, device: torch.device) -> float:
-    value = torch.tensor([seconds], dtype=torch.float64, device=device)
-    dist.all_reduce(value)
-    return value.item() / dist.get_world_size()
+def mean_over_ranks(value: float, device: torch.device) -> float:
+    """The mean of a value over every rank of the world."""
+    return _over_ranks(value, device, dist.ReduceOp.SUM) / dist.get_world_size()
 
 
 def slowest(seconds: float, device: torch.device) -> float:
     """The largest value over every rank of the world."""
+    return _over_ranks(seconds, device, dist.ReduceOp.MAX)
+
+
+def _over_ranks(seconds: float, device: torch.device, op) -> float:
     value = torch.tensor([seconds], dtype=torch.float64, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    dist.all_reduce(value, op=op)
     return value.item()
 
 
