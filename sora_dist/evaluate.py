@@ -11,7 +11,8 @@ every direction; each application gets the frames it is given and the caption of
 - connecting the first and the last frame: the generated middle must pass between the two
   positions (distance from the straight path, against the distance the blob travels);
 - text-to-video with the held-out colour-direction pairs (never in training): the blob must have
-  that colour and move that way.
+  that colour and move that way; the same for pairs training had (the control: an unseen pair
+  can only be expected to move where seen ones do).
 
 The blob's position in a frame is the centroid of its brightness channel (3) above a floor; its
 direction is the nearest of the four to its displacement. Untrained models score at chance (25%
@@ -32,6 +33,7 @@ import torch
 
 from sora_dist.applications import Request, encode_prompt
 from sora_dist.data.synthetic import COLORS, DIRECTIONS, HELD_OUT, caption_for, render
+from sora_dist.errors import ConfigError
 
 log = logging.getLogger("sora_dist")
 
@@ -111,14 +113,14 @@ GIVEN = {
 
 
 def make_cases(per_direction: int, seed: int) -> list[Case]:
-    """Every conditioned application for every direction (colours that training paired with
-    it), and text-to-video for the held-out pairs."""
+    """Every application for every direction, with a colour that training paired with it
+    (text-to-video included, as the control), and text-to-video for the held-out pairs."""
     rng = np.random.default_rng(seed)
-    trained = [c for c in COLORS]
+    colours = list(COLORS)
     cases = []
-    for application, given in GIVEN.items():
+    for application, given in {**GIVEN, "text_to_video": None}.items():
         for i, direction in enumerate(DIRECTIONS):
-            colour = next(c for c in trained[i:] + trained if (c, direction) not in HELD_OUT)
+            colour = next(c for c in colours[i:] + colours if (c, direction) not in HELD_OUT)
             truth = np.stack([render(colour, "large", direction, CLIP_SHAPE, rng) for _ in range(per_direction)]).astype(np.float32)
             cases.append(Case(application, colour, direction, truth, given))
     for colour, direction in sorted(HELD_OUT):
@@ -202,6 +204,52 @@ def format_table(result: dict[str, dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# One-step predictions: where a sample goes wrong
+
+
+NOISE_LEVELS = (0.2, 0.5, 0.8, 0.95)
+
+
+@torch.no_grad()
+def one_step_offsets(model, objective, manifest, cases: list[Case], dev, levels=NOISE_LEVELS, seed: int = 0) -> dict[str, dict[float, list[float]]]:
+    """Application -> noise level t -> per frame, the mean offset (px) along the true motion of
+    the blob in the model's one-step clean prediction, x0 = x_t - t v, from the true clip noised
+    to t (its given frames clean, at t = 0), with the clip's caption. A sampler commits to the
+    layout at high t, so a model whose high-t prediction lags behind the truth samples slow
+    motion; a model that knows the clips gives 0 everywhere. Flow objective only."""
+    from sora_dist.diffusion.masks import broadcast_to_latents
+    from sora_dist.diffusion.objectives import FlowObjective
+
+    if not isinstance(objective, FlowObjective):
+        raise ConfigError("eval-blobs --one-step reads x0 = x_t - t v, which needs diffusion.objective=flow")
+    model.eval()
+    device, generator = dev.torch_device, torch.Generator().manual_seed(seed)
+    sums: dict[str, dict[float, list[np.ndarray]]] = {}
+    for case in (c for c in cases if c.given is not None):
+        text = torch.from_numpy(encode_prompt(manifest, case.prompt, "", model.cfg.text_dim, torch.device("cpu")))
+        x0, n = torch.from_numpy(case.truth).to(device), len(case.truth)
+        condition = case.request().condition(n, model.cfg.patch_size[0], device)
+        for level in levels:
+            t = condition.timesteps(torch.full((n,), level, device=device))  # (n, T'), 0 on the given frames
+            t_latent = broadcast_to_latents(t, x0, condition.patch_t)
+            x_t = (1 - t_latent) * x0 + t_latent * torch.randn(x0.shape, generator=generator).to(device)
+            v = model(x_t, t * 1000, text[None].expand(n, -1, -1).to(device), torch.ones(n, len(text), dtype=torch.bool, device=device))
+            predicted = (x_t - t_latent * v.float()).cpu().numpy()
+            offset = along_direction(predicted, np.zeros((n, 2)), case.direction) - along_direction(case.truth, np.zeros((n, 2)), case.direction)
+            sums.setdefault(case.application, {}).setdefault(level, []).append(offset)
+    model.train()
+    return {app: {level: np.nanmean(np.concatenate(rows), axis=0).tolist() for level, rows in by_level.items()} for app, by_level in sums.items()}
+
+
+def format_offsets(offsets: dict[str, dict[float, list[float]]]) -> str:
+    lines = ["one-step clean prediction: mean offset along the true motion (px) per frame, from the truth noised to t"]
+    for application, by_level in offsets.items():
+        for level, row in by_level.items():
+            lines.append(f"{application:<16} t={level:<5} " + " ".join(f"{v:+6.2f}" for v in row))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # The command
 
 
@@ -239,6 +287,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the run's diffusion.guidance_scale)")
     parser.add_argument("--out", default="", help="folder for results.json and a frame grid per application (default: RUN/eval-blobs)")
+    parser.add_argument("--one-step", action="store_true",
+                        help="also the offset of the blob in the model's one-step clean prediction at several noise levels, per frame")
     args, overrides = parser.parse_known_args(argv)
     return run_command(lambda: _run(args, overrides))
 
@@ -255,8 +305,12 @@ def _run(args, overrides) -> None:
     saved, model, weights = load_for_sampling(source, raw=False, dev=dev)
     cfg = load_config(run_config(source), overrides) if overrides else saved
     out = Path(args.out or source / "eval-blobs")
-    result = evaluate(cfg, model, build_objective(cfg.diffusion, model.cfg.patch_size), read_manifest(cfg.data.path), dev,
-                      args.per_direction, args.seed, args.guidance, out)
+    objective, manifest = build_objective(cfg.diffusion, model.cfg.patch_size), read_manifest(cfg.data.path)
+    result = evaluate(cfg, model, objective, manifest, dev, args.per_direction, args.seed, args.guidance, out)
     print(f"{weights}: {4 * args.per_direction} clips per application, {cfg.diffusion.sample_steps} {cfg.diffusion.sampler} steps")
     print(format_table(result))
-    (out / "results.json").write_text(json.dumps({"weights": weights, "per_direction": args.per_direction, "results": result}, indent=2))
+    report = {"weights": weights, "per_direction": args.per_direction, "results": result}
+    if args.one_step:
+        report["one_step_offsets"] = one_step_offsets(model, objective, manifest, make_cases(args.per_direction, args.seed), dev)
+        print(format_offsets(report["one_step_offsets"]))
+    (out / "results.json").write_text(json.dumps(report, indent=2))

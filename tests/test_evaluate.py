@@ -9,7 +9,7 @@ import torch
 from sora_dist.config import ModelConfig, load_config, resolve_model_config
 from sora_dist.data.synthetic import DIRECTIONS, TEXT_DIM, render
 from sora_dist.diffusion import build_objective
-from sora_dist.evaluate import CLIP_SHAPE, centroids, colour_of, direction_of, make_cases, score, summarize
+from sora_dist.evaluate import CLIP_SHAPE, NOISE_LEVELS, centroids, colour_of, direction_of, make_cases, one_step_offsets, score, summarize
 from sora_dist.models import VideoDiT
 from sora_dist.sample import generate
 from sora_dist import device as device_lib
@@ -77,3 +77,21 @@ def test_a_denoiser_that_knows_the_clips_passes_and_an_untrained_dit_fails(setup
         untrained.append(score(case, generate(cfg, random_dit, objective, text, case.request(), 2, i, dev)))
     assert all(passes(summarize(cases, known)).values()), summarize(cases, known)
     assert not any(passes(summarize(cases, untrained)).values()), summarize(cases, untrained)
+
+
+class Manifest:
+    text_encoder = "synthetic-bag-of-words"
+
+
+def test_one_step_offsets_are_zero_for_the_truth_and_lag_for_a_blob_that_stays_still(setup):
+    cfg, model_cfg, objective, dev = setup
+    case = next(c for c in make_cases(per_direction=2, seed=5) if c.application == "extend_forward")
+    still = case.truth.copy()
+    still[:, :, 4:] = still[:, :, 3:4]  # the last given frame repeated: no motion after it
+    for clean, expected in ((case.truth, [0, 0, 0, 0]), (still, [-1, -2, -3, -4])):
+        oracle = KnowsTheClip(model_cfg, torch.from_numpy(clean))
+        offsets = one_step_offsets(oracle, objective, Manifest(), [case], dev)["extend_forward"]
+        assert set(offsets) == set(NOISE_LEVELS)
+        for row in offsets.values():
+            np.testing.assert_allclose(row[:4], 0, atol=1e-6)  # given frames are the truth
+            np.testing.assert_allclose(row[4:], expected, atol=0.35)
