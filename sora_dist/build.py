@@ -49,6 +49,16 @@ def check_launcher(environ=os.environ) -> None:
         )
 
 
+def stop_distributed() -> None:
+    """Leave the process group at the normal end of a job: a barrier, so that no rank's last
+    collective is still in flight, then destroy it. Without the barrier a gloo rank that went
+    first was seen to abort at exit ("terminate called without an active exception"). Not for
+    error paths: a barrier there waits for ranks that may be gone."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def start_distributed(dev: device_lib.Device, timeout_minutes: float = 10.0, flight_recorder_entries: int = 0) -> tuple[int, int]:
     """Join the process group torchrun describes (if more than one process); returns (world size,
     rank). The backend covers the accelerator and the CPU (``Device.comm_backend``), so the small

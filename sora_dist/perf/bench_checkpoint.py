@@ -26,7 +26,7 @@ import torch.distributed as dist
 from sora_dist import device as device_lib
 from sora_dist.config import load_config
 from sora_dist.data import make_synthetic
-from sora_dist.build import start_distributed
+from sora_dist.build import start_distributed, stop_distributed
 from sora_dist.trainer import build_run, run_loop, stop_signals
 
 log = logging.getLogger("sora_dist")
@@ -79,8 +79,7 @@ def benchmark(preset: str, steps: int, extra: list[str], workdir: Path) -> dict:
     results["load_s"] = time.perf_counter() - start
     results["overhead_blocking_s"] = results["train_s_blocking"] - results["train_s_none"]
     results["overhead_async_s"] = results["train_s_async"] - results["train_s_none"]
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    stop_distributed()
     return results
 
 

@@ -50,7 +50,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as functional
 
 from sora_dist import device as device_lib
-from sora_dist.build import start_distributed
+from sora_dist.build import start_distributed, stop_distributed
 from sora_dist.config import load_config, resolve_model_config
 from sora_dist.parallel.mesh import MESH_DIMS, build_mesh, resolve_dims
 from sora_dist.perf.output import report_on_rank_zero
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     result = benchmark(args, overrides)
     report_on_rank_zero(result, lambda r: print(format_table(r)), args.json)
-    dist.destroy_process_group()
+    stop_distributed()
     return 0
 
 

@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from sora_dist import device as device_lib
-from sora_dist.build import build_stack, start_distributed
+from sora_dist.build import build_stack, start_distributed, stop_distributed
 from sora_dist.config import load_config, resolve_model_config
 from sora_dist.diffusion import build_objective
 from sora_dist.kernels import get_attention_backend
@@ -69,8 +68,7 @@ def benchmark(args, overrides: list[str]) -> dict:
         "mfu": flops_per_step / step_s / (peak * world_size) if peak else None,
         **dev.memory_stats(),
     }
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    stop_distributed()
     return result
 
 

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from sora_dist.checkpoint import CheckpointManager
 from sora_dist.config import CheckpointConfig, DataConfig
 from sora_dist.data import LatentLoader
+from sora_dist.build import stop_distributed
 
 
 def main():
@@ -27,7 +28,7 @@ def main():
     dist.all_gather_object(gathered, rank)
     if rank == 0:
         print("consumed", int(sum(m.sum() for m in state["consumed"].values())), "ranks", gathered, flush=True)
-    dist.destroy_process_group()
+    stop_distributed()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+from sora_dist.build import stop_distributed
 from sora_dist.config import ParallelConfig
 from sora_dist.models import DiTConfig, VideoDiT
 from sora_dist.parallel import (
@@ -215,8 +216,7 @@ def main():
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    stop_distributed()
 
 
 if __name__ == "__main__":

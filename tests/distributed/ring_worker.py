@@ -18,6 +18,7 @@ from sora_dist.kernels import set_attention_backend  # noqa: E402
 from sora_dist.kernels.attention import reference_attention  # noqa: E402
 from sora_dist.parallel.ring import ring_attention  # noqa: E402
 from sora_dist.parallel.sequence import SequenceShards  # noqa: E402
+from sora_dist.build import stop_distributed
 
 BACKENDS = ["reference", "sdpa", "npu"]
 TOKENS = [24, 21, 5]  # divides 2 and 4; short last block; on 4 ranks a block of padding only
@@ -68,7 +69,7 @@ def main():
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(results, f)
-    dist.destroy_process_group()
+    stop_distributed()
 
 
 if __name__ == "__main__":

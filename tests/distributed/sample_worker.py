@@ -19,6 +19,7 @@ from sora_dist.config import load_config
 from sora_dist.diffusion import build_objective
 from sora_dist.models import DiTConfig, VideoDiT
 from sora_dist.sample import generate, parallel_model, sampling_layout
+from sora_dist.build import stop_distributed
 
 CFG = DiTConfig(in_channels=4, text_dim=16, hidden_size=64, depth=2, num_heads=4, patch_size=(1, 2, 2))
 LAYOUTS = {
@@ -71,7 +72,7 @@ def main():
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
-    dist.destroy_process_group()
+    stop_distributed()
 
 
 if __name__ == "__main__":

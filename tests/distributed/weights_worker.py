@@ -5,10 +5,9 @@ import json
 import sys
 
 import torch
-import torch.distributed as dist
 
 from sora_dist import device as device_lib
-from sora_dist.build import build_single_device_model, build_stack, start_distributed
+from sora_dist.build import build_single_device_model, build_stack, start_distributed, stop_distributed
 from sora_dist.checkpoint import gather_to_rank0
 from sora_dist.config import load_config, resolve_model_config
 
@@ -30,7 +29,7 @@ def main():
         report["local_is_sharded"] = any(v.shape != expected[k].shape for k, v in ((k, getattr(v, "_local_tensor", v)) for k, v in stack.model.state_dict().items()))
     with open(f"{sys.argv[1]}.{rank}.json", "w") as f:
         json.dump(report, f)
-    dist.destroy_process_group()
+    stop_distributed()
 
 
 if __name__ == "__main__":

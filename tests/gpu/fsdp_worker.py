@@ -20,6 +20,7 @@ from sora_dist.data import LatentLoader, make_synthetic
 from sora_dist.diffusion import build_objective
 from sora_dist.models import DiTConfig, VideoDiT
 from sora_dist.parallel import ParallelDims, build_mesh, parallelize
+from sora_dist.build import stop_distributed
 
 
 def train_steps(model, batch, steps, autocast):
@@ -74,7 +75,7 @@ def main():
     report["consumed"] = int(sum(m.sum() for m in state["consumed"].values()))
     report["cuda_all_reduce"] = cuda_sum.tolist()
     Path(sys.argv[1]).write_text(json.dumps(report))
-    dist.destroy_process_group()
+    stop_distributed()
 
 
 if __name__ == "__main__":

@@ -6,10 +6,9 @@ import json
 import sys
 
 import torch
-import torch.distributed as dist
 
 from sora_dist import device as device_lib
-from sora_dist.build import build_stack, start_distributed
+from sora_dist.build import build_stack, start_distributed, stop_distributed
 from sora_dist.config import load_config, resolve_model_config
 from sora_dist.parallel.mesh import local_bytes
 
@@ -59,7 +58,7 @@ def main():
               "optimizer": local_bytes(moments), "activations": activations}
     with open(f"{out_prefix}.{rank}.json", "w") as f:
         json.dump(report, f)
-    dist.destroy_process_group()
+    stop_distributed()
 
 
 if __name__ == "__main__":
