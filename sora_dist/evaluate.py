@@ -229,13 +229,14 @@ def one_step_offsets(model, objective, manifest, cases: list[Case], dev, levels=
         text = torch.from_numpy(encode_prompt(manifest, case.prompt, "", model.cfg.text_dim, torch.device("cpu")))
         x0, n = torch.from_numpy(case.truth).to(device), len(case.truth)
         condition = case.request().condition(n, model.cfg.patch_size[0], device)
+        true_along = along_direction(case.truth, np.zeros((n, 2)), case.direction)
         for level in levels:
             t = condition.timesteps(torch.full((n,), level, device=device))  # (n, T'), 0 on the given frames
             t_latent = broadcast_to_latents(t, x0, condition.patch_t)
             x_t = (1 - t_latent) * x0 + t_latent * torch.randn(x0.shape, generator=generator).to(device)
             v = model(x_t, t * 1000, text[None].expand(n, -1, -1).to(device), torch.ones(n, len(text), dtype=torch.bool, device=device))
             predicted = (x_t - t_latent * v.float()).cpu().numpy()
-            offset = along_direction(predicted, np.zeros((n, 2)), case.direction) - along_direction(case.truth, np.zeros((n, 2)), case.direction)
+            offset = along_direction(predicted, np.zeros((n, 2)), case.direction) - true_along
             sums.setdefault(case.application, {}).setdefault(level, []).append(offset)
     model.train()
     return {app: {level: np.nanmean(np.concatenate(rows), axis=0).tolist() for level, rows in by_level.items()} for app, by_level in sums.items()}

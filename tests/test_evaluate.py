@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from sora_dist.applications import SYNTHETIC_TEXT_ENCODER
 from sora_dist.config import ModelConfig, load_config, resolve_model_config
 from sora_dist.data.synthetic import DIRECTIONS, TEXT_DIM, render
 from sora_dist.diffusion import build_objective
@@ -80,7 +81,9 @@ def test_a_denoiser_that_knows_the_clips_passes_and_an_untrained_dit_fails(setup
 
 
 class Manifest:
-    text_encoder = "synthetic-bag-of-words"
+    """The one field of a dataset manifest that encode_prompt reads."""
+
+    text_encoder = SYNTHETIC_TEXT_ENCODER
 
 
 def test_one_step_offsets_are_zero_for_the_truth_and_lag_for_a_blob_that_stays_still(setup):

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from sora_dist.build import stop_distributed
 from sora_dist.checkpoint import CheckpointManager
 from sora_dist.config import CheckpointConfig, DataConfig
 from sora_dist.data import LatentLoader
-from sora_dist.build import stop_distributed
 
 
 def main():

@@ -14,11 +14,11 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from stand_ins import fake_torch_npu  # noqa: E402
 
+from sora_dist.build import stop_distributed  # noqa: E402
 from sora_dist.kernels import set_attention_backend  # noqa: E402
 from sora_dist.kernels.attention import reference_attention  # noqa: E402
 from sora_dist.parallel.ring import ring_attention  # noqa: E402
 from sora_dist.parallel.sequence import SequenceShards  # noqa: E402
-from sora_dist.build import stop_distributed
 
 BACKENDS = ["reference", "sdpa", "npu"]
 TOKENS = [24, 21, 5]  # divides 2 and 4; short last block; on 4 ranks a block of padding only

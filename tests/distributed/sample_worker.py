@@ -15,11 +15,11 @@ import torch.distributed as dist
 
 from sora_dist import device as device_lib
 from sora_dist.applications import Request
+from sora_dist.build import stop_distributed
 from sora_dist.config import load_config
 from sora_dist.diffusion import build_objective
 from sora_dist.models import DiTConfig, VideoDiT
 from sora_dist.sample import generate, parallel_model, sampling_layout
-from sora_dist.build import stop_distributed
 
 CFG = DiTConfig(in_channels=4, text_dim=16, hidden_size=64, depth=2, num_heads=4, patch_size=(1, 2, 2))
 LAYOUTS = {

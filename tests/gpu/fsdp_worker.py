@@ -14,13 +14,13 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from sora_dist import device as device_lib
+from sora_dist.build import stop_distributed
 from sora_dist.checkpoint import gather_to_rank0
 from sora_dist.config import DataConfig, DiffusionConfig, ParallelConfig
 from sora_dist.data import LatentLoader, make_synthetic
 from sora_dist.diffusion import build_objective
 from sora_dist.models import DiTConfig, VideoDiT
 from sora_dist.parallel import ParallelDims, build_mesh, parallelize
-from sora_dist.build import stop_distributed
 
 
 def train_steps(model, batch, steps, autocast):
