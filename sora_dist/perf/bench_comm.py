@@ -29,11 +29,14 @@ row; the performance model (sora-dist plan --calibration) fits latency and bandw
 
 Rank skew: ranks that compute the same work do not reach the next collective at the same moment
 (OS noise, stragglers, and on cpu, ranks sharing cores and descheduled in turn), so every blocking
-collective also waits for the last rank. bench-comm measures it: every rank runs the same burst
-of matmuls (--skew-bursts-ms, several lengths), then a one-element all-reduce over the world; the
-wait, averaged over the ranks, less the back-to-back time of that all-reduce, is the skew after a
-burst of that length. The performance model interpolates it at the compute between a layout's
-blocking collectives and adds it at each of them.
+collective also waits for the last rank. bench-comm measures what that costs: every rank runs the
+same burst of matmuls (--skew-bursts-ms, several lengths) --iters times, once with a one-element
+all-reduce over the world after every burst and once with none between them; the delay is the
+time per burst of the first, less that of the second (each rank's, averaged over the ranks), less
+the all-reduce back to back: the step time a blocking collective adds beyond the work itself. The
+mean wait inside the all-reduce is reported too, but it overstates the cost where ranks share
+cores: a rank that waits frees its core for the ranks still computing. The performance model interpolates the
+delay at the compute between a layout's blocking collectives and adds it at each of them.
 """
 
 from __future__ import annotations
@@ -169,19 +172,40 @@ def compute_burst(seconds: float, dev: device_lib.Device) -> Callable[[], None] 
 
 
 def rank_skew(dev: device_lib.Device, bursts_ms: list[float], iters: int) -> list[dict]:
-    """Per burst length: the mean over ranks of the wait in a one-element world all-reduce after
-    the burst, less the same all-reduce back to back (see the module docstring)."""
+    """Per burst length of matmuls, ``skew_after`` it (see the module docstring)."""
     tiny = torch.zeros(1, device=dev.torch_device)
 
-    def run():
+    def all_reduce():
         dist.all_reduce(tiny)
 
-    back_to_back = mean_over_ranks(time_op(run, None, dev, 3, iters), dev.torch_device)
-    rows = []
-    for burst_ms in bursts_ms:
-        wait = mean_over_ranks(time_op(run, None, dev, 1, iters, compute_burst(burst_ms / 1e3, dev)), dev.torch_device)
-        rows.append({"burst_ms": burst_ms, "wait_us": max(0.0, wait - back_to_back) * 1e6})
-    return rows
+    back_to_back = mean_over_ranks(time_op(all_reduce, None, dev, 3, iters), dev.torch_device)
+    return [{"burst_ms": burst_ms, **skew_after(compute_burst(burst_ms / 1e3, dev), all_reduce, back_to_back, dev, iters)} for burst_ms in bursts_ms]
+
+
+def skew_after(burst: Callable[[], None], all_reduce: Callable[[], None], back_to_back: float, dev: device_lib.Device, iters: int) -> dict:
+    """The delay (us) that ``all_reduce`` after every ``burst`` adds per burst, against the bursts
+    with none between them (each rank's time, averaged over the ranks) and less the all-reduce back
+    to back; and the mean wait (us) inside it."""
+    unsynced = mean_over_ranks(time_op(burst, None, dev, 1, iters), dev.torch_device)
+    synced, wait = (mean_over_ranks(v, dev.torch_device) for v in _bursts_then_all_reduce(burst, all_reduce, dev, iters))
+    return {"delay_us": max(0.0, synced - unsynced - back_to_back) * 1e6, "wait_us": max(0.0, wait - back_to_back) * 1e6}
+
+
+def _bursts_then_all_reduce(burst: Callable[[], None], all_reduce: Callable[[], None], dev: device_lib.Device, iters: int) -> tuple[float, float]:
+    """(seconds per burst and all-reduce, seconds of it inside the all-reduce) on this rank."""
+    burst()
+    all_reduce()
+    dev.synchronize()
+    dist.barrier()
+    start, waiting = time.perf_counter(), 0.0
+    for _ in range(iters):
+        burst()
+        dev.synchronize()
+        arrived = time.perf_counter()
+        all_reduce()
+        dev.synchronize()
+        waiting += time.perf_counter() - arrived
+    return (time.perf_counter() - start) / iters, waiting / iters
 
 
 def mean_over_ranks(value: float, device: torch.device) -> float:
@@ -257,8 +281,9 @@ def format_table(result: dict) -> str:
             cells = {r["op"]: r for r in rows if r["bytes"] == nbytes}
             lines.append(f"{_human(nbytes):>10} " + " ".join(f"{cells[op]['time_us']:>16.1f} {cells[op]['busbw_gbps']:>7.2f}" for op in ops))
     if result.get("skew"):
-        waits = ", ".join(f"{r['wait_us'] / 1e3:.2f} ms after {r['burst_ms']:g} ms ({r['wait_us'] / 1e3 / r['burst_ms']:.1%})" for r in result["skew"])
-        lines.append(f"\nrank skew over the world, the wait for the last rank: {waits}")
+        lines.append("\nrank skew over the world: per burst of compute, the delay a blocking collective adds to the step (the mean wait in it)")
+        lines += [f"  after {r['burst_ms']:g} ms: {r['delay_us'] / 1e3:.2f} ms ({r['delay_us'] / 1e3 / r['burst_ms']:.1%}); "
+                  f"wait {r['wait_us'] / 1e3:.2f} ms ({r['wait_us'] / 1e3 / r['burst_ms']:.1%})" for r in result["skew"]]
     return "\n".join(lines)
 
 

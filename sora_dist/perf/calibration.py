@@ -180,7 +180,7 @@ def load_calibration(paths: list[str]) -> Calibration:
             for key, fit in fit_links(data):
                 measured.setdefault(key, []).append(fit)
             for row in data.get("skew", []):
-                skews.setdefault(data["world_size"], {}).setdefault(row["burst_ms"] / 1e3, []).append(row["wait_us"] / 1e6)
+                skews.setdefault(data["world_size"], {}).setdefault(row["burst_ms"] / 1e3, []).append(row["delay_us"] / 1e6)
         elif data.get("kind") == "calibration":
             cal.flops_rate, cal.step_overhead_s = data["flops_rate"], data["step_overhead_s"]
             cal.memory_bw, cal.shared_cores = data["memory_bw"], data.get("shared_cores", 0)
@@ -190,7 +190,7 @@ def load_calibration(paths: list[str]) -> Calibration:
             raise ConfigError(f"{path} is neither a `sora-dist calibrate` nor a bench-comm JSON file")
     # Groups of one size measured on several dimensions or runs: mean latency, mean time per byte.
     cal.comm = {key: (sum(f[0] for f in fits) / len(fits), len(fits) / sum(1 / f[1] for f in fits)) for key, fits in measured.items()}
-    # Rank skew per world size: the mean wait after each burst length over the runs that measured it.
+    # Rank skew per world size: the mean delay after each burst length over the runs that measured it.
     cal.skew = {world: tuple((burst, sum(w) / len(w)) for burst, w in sorted(curve.items())) for world, curve in skews.items()}
     return cal
 

@@ -33,12 +33,14 @@ Host work of the wrappers.  FSDP2's hooks and DTensor's dispatch under the TP pl
   per block and step (measured by ``calibrate`` on one rank; 0 otherwise), slowed like compute
   where ranks share cores. A device with streams runs ahead of the host, so there only what
   exceeds the compute is exposed; on cpu the host is the device and all of it is.
-Rank skew.  Every blocking collective waits for the last rank to arrive. bench-comm measures that
-  wait after bursts of compute of several lengths (OS noise, stragglers, ranks sharing cores);
-  the model splits a rank's compute and host work evenly between its blocking collectives (every
-  collective above but DDP's buckets, which complete behind the backward, plus one at the end of
-  the step) and adds, at each, the wait interpolated at that burst length (0 without a
-  measurement).
+Rank skew.  Every blocking collective waits for the last rank to arrive. bench-comm measures the
+  delay that costs the step after bursts of compute of several lengths (OS noise, stragglers,
+  ranks sharing cores): the bursts with a collective after each, against the same bursts with
+  none between them; not the mean wait, since where ranks share cores a waiting rank's core goes
+  to the ranks still computing. The model splits a rank's compute and host work evenly between
+  its blocking collectives (every collective above but DDP's buckets, which complete behind the
+  backward, plus one at the end of the step) and adds, at each, the delay interpolated at that
+  burst length (0 without a measurement).
 Memory.  Parameters, gradients (fp32), AdamW moments (2 x fp32) and the EMA (fp32) are exact: the
   parameter shapes of the real module (built on the meta device), split by the real TP plan and
   chunked over FSDP's dimension 0 as FSDP2 does. Activations come from saved-tensor accounting of
@@ -136,12 +138,12 @@ class Calibration:
     wrapper_host_s: dict[str, float] = field(default_factory=dict)
     """Host seconds per block and step that each wrapper adds ("tp", "fsdp"), measured on one rank."""
     skew: dict[int, tuple[tuple[float, float], ...]] = field(default_factory=dict)
-    """World size -> (burst seconds, seconds of waiting for the last rank after it), by burst."""
+    """World size -> (burst seconds, seconds a blocking collective after it delays the step), by burst."""
 
     def skew_after(self, world: int, burst_s: float) -> float:
-        """Seconds a blocking collective waits for the last rank after ``burst_s`` of compute, at
-        this world size (else the nearest measured): linear between the measured bursts and from
-        (0, 0), in proportion beyond the longest; 0 for one rank or without a measurement."""
+        """Seconds a blocking collective delays the step, waiting for the last rank, after ``burst_s``
+        of compute, at this world size (else the nearest measured): linear between the measured
+        bursts and from (0, 0), in proportion beyond the longest; 0 for one rank or without one."""
         if world == 1 or not self.skew:
             return 0.0
         curve = ((0.0, 0.0), *self.skew[min(self.skew, key=lambda w: (abs(w - world), w))])

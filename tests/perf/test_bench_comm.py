@@ -5,10 +5,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from sora_dist.perf.bench_comm import bus_factor, message_sizes, parse_bytes
+
+SKEW_WORKER = Path(__file__).with_name("skew_worker.py")
 
 
 def test_bus_bandwidth_factors_are_nccl_tests_definitions():
@@ -52,8 +55,22 @@ def test_every_mesh_dimension_of_a_layout_is_measured(tmp_path, nproc, layout, d
         expected_ops = {"all_gather", "reduce_scatter", "all_reduce", "all_to_all"} | {"sp_ring": {"send_recv"}, "tp": {"all_reduce_functional"}}.get(dim, set())
         assert {row["op"] for row in rows if row["dim"] == dim} == expected_ops
     assert sorted({row["bytes"] for row in rows}) == [1024, 4096, 16384]
-    assert [s["burst_ms"] for s in r["skew"]] == [5.0, 10.0] and all(s["wait_us"] >= 0 for s in r["skew"])
+    assert [s["burst_ms"] for s in r["skew"]] == [5.0, 10.0] and all(s["delay_us"] >= 0 and s["wait_us"] >= 0 for s in r["skew"])
     for row in rows:
         algbw = row["bytes"] / (row["time_us"] * 1e-6)
         assert row["algbw_gbps"] == pytest.approx(algbw / 1e9)
         assert row["busbw_gbps"] == pytest.approx(algbw * bus_factor(row["op"], row["group_size"]) / 1e9)
+
+
+@pytest.mark.parametrize("extra_ms", [0.0, 40.0])
+def test_rank_skew_is_the_delay_a_straggler_adds_to_every_burst(tmp_path, extra_ms):
+    # Bursts that sleep 10 ms, rank 1's for 40 ms more: with an all-reduce after every burst the
+    # pair takes 50 ms a burst, against a mean of 30 ms when they never meet, so the delay is 20 ms;
+    # rank 0 waits 40 ms and rank 1 none, a mean wait of 20 ms. Balanced ranks give about 0.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(SKEW_WORKER), str(tmp_path / "skew"), str(extra_ms)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads((tmp_path / "skew.json").read_text())
+    expected = extra_ms / 2
+    assert measured["delay_ms"] == pytest.approx(expected, abs=6.0)
+    assert measured["wait_ms"] == pytest.approx(expected, abs=6.0)

@@ -35,7 +35,7 @@ def test_rank_skew_curves_are_averaged_per_world_size_and_interpolated(tmp_path)
     comm = {"local_world_size": 4, "degrees": {}, "rows": []}
     runs = {"a.json": (4, [(25.0, 5.0), (100.0, 30.0)]), "b.json": (4, [(25.0, 7.0), (100.0, 10.0)]), "c.json": (2, [(100.0, 1.0)])}
     for name, (world, waits) in runs.items():
-        skew = [{"burst_ms": b, "wait_us": w * 1e3} for b, w in waits]
+        skew = [{"burst_ms": b, "delay_us": w * 1e3, "wait_us": 3 * w * 1e3} for b, w in waits]  # the model reads the delay
         (tmp_path / name).write_text(json.dumps({**comm, "world_size": world, "skew": skew}))
     cal = load_calibration([str(tmp_path / name) for name in runs])
     assert [pytest.approx(point) for point in cal.skew[4]] == [(0.025, 0.006), (0.1, 0.02)]  # ms -> s, mean of the two runs
