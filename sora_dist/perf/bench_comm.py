@@ -141,15 +141,20 @@ def time_op(run: Callable[[], None], group, dev: device_lib.Device, warmup: int,
             run()
         dev.synchronize()
         return (time.perf_counter() - start) / iters
-    total = 0.0
+    return _each_after(compute, run, dev, iters)[1]
+
+
+def _each_after(compute: Callable[[], None], run: Callable[[], None], dev: device_lib.Device, iters: int) -> tuple[float, float]:
+    """``iters`` times ``compute`` then ``run``: (seconds per pair, seconds of it in ``run``)."""
+    start, in_run = time.perf_counter(), 0.0
     for _ in range(iters):
         compute()
         dev.synchronize()
-        start = time.perf_counter()
+        arrived = time.perf_counter()
         run()
         dev.synchronize()
-        total += time.perf_counter() - start
-    return total / iters
+        in_run += time.perf_counter() - arrived
+    return (time.perf_counter() - start) / iters, in_run / iters
 
 
 def compute_burst(seconds: float, dev: device_lib.Device) -> Callable[[], None] | None:
@@ -197,15 +202,7 @@ def _bursts_then_all_reduce(burst: Callable[[], None], all_reduce: Callable[[], 
     all_reduce()
     dev.synchronize()
     dist.barrier()
-    start, waiting = time.perf_counter(), 0.0
-    for _ in range(iters):
-        burst()
-        dev.synchronize()
-        arrived = time.perf_counter()
-        all_reduce()
-        dev.synchronize()
-        waiting += time.perf_counter() - arrived
-    return (time.perf_counter() - start) / iters, waiting / iters
+    return _each_after(burst, all_reduce, dev, iters)
 
 
 def mean_over_ranks(value: float, device: torch.device) -> float:
