@@ -31,12 +31,18 @@ Rank skew: ranks that compute the same work do not reach the next collective at 
 (OS noise, stragglers, and on cpu, ranks sharing cores and descheduled in turn), so every blocking
 collective also waits for the last rank. bench-comm measures what that costs: every rank runs the
 same burst of matmuls (--skew-bursts-ms, several lengths) --iters times, once with a one-element
-all-reduce over the world after every burst and once with none between them; the delay is the
-time per burst of the first, less that of the second (each rank's, averaged over the ranks), less
-the all-reduce back to back: the step time a blocking collective adds beyond the work itself. The
+all-reduce over the world after every burst and once with none between them, all ranks starting
+together; the delay is the time per burst of the first (averaged over the ranks), less that of
+the second on the slowest rank, less the all-reduce back to back: the step time a blocking
+collective adds beyond the work itself. The second is the slowest rank's because the bursts
+without collectives end when the last rank is done, and where ranks share cores a rank that
+finishes early hands its core to the others: each rank's own time would be shorter than the
+work takes. So a rank that is slower at every burst is not skew (it is the slowest rank's work;
+``sora-dist`` training's straggler probe names it); a different rank late at each burst is. The
 mean wait inside the all-reduce is reported too, but it overstates the cost where ranks share
-cores: a rank that waits frees its core for the ranks still computing. The performance model interpolates the
-delay at the compute between a layout's blocking collectives and adds it at each of them.
+cores: a rank that waits frees its core for the ranks still computing. The performance model
+interpolates the delay at the compute between a layout's blocking collectives and adds it at
+each of them.
 """
 
 from __future__ import annotations
@@ -188,10 +194,10 @@ def rank_skew(dev: device_lib.Device, bursts_ms: list[float], iters: int) -> lis
 
 
 def skew_after(burst: Callable[[], None], all_reduce: Callable[[], None], back_to_back: float, dev: device_lib.Device, iters: int) -> dict:
-    """The delay (us) that ``all_reduce`` after every ``burst`` adds per burst, against the bursts
-    with none between them (each rank's time, averaged over the ranks) and less the all-reduce back
-    to back; and the mean wait (us) inside it."""
-    unsynced = mean_over_ranks(time_op(burst, None, dev, 1, iters), dev.torch_device)
+    """The delay (us) that ``all_reduce`` after every ``burst`` adds per burst (averaged over the
+    ranks), against the bursts with none between them (the slowest rank's time: they are done
+    when it is) and less the all-reduce back to back; and the mean wait (us) inside it."""
+    unsynced = slowest(time_op(burst, None, dev, 1, iters), dev.torch_device)
     synced, wait = (mean_over_ranks(v, dev.torch_device) for v in _bursts_then_all_reduce(burst, all_reduce, dev, iters))
     return {"delay_us": max(0.0, synced - unsynced - back_to_back) * 1e6, "wait_us": max(0.0, wait - back_to_back) * 1e6}
 

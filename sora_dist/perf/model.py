@@ -34,10 +34,10 @@ Host work of the wrappers.  FSDP2's hooks and DTensor's dispatch under the TP pl
   where ranks share cores. A device with streams runs ahead of the host, so there only what
   exceeds the compute is exposed; on cpu the host is the device and all of it is.
 Rank skew.  Every blocking collective waits for the last rank to arrive. bench-comm measures the
-  delay that costs the step after bursts of compute of several lengths (OS noise, stragglers,
-  ranks sharing cores): the bursts with a collective after each, against the same bursts with
-  none between them; not the mean wait, since where ranks share cores a waiting rank's core goes
-  to the ranks still computing. The model splits a rank's compute and host work evenly between
+  delay that costs the step after bursts of compute of several lengths (OS noise, ranks late in
+  turn, ranks sharing cores): the bursts with a collective after each, against the same bursts
+  with none between them on the slowest rank; not the mean wait, since where ranks share cores a
+  waiting rank's core goes to the ranks still computing. The model splits a rank's compute and host work evenly between
   its blocking collectives (every collective above but DDP's buckets, which complete behind the
   backward, plus one at the end of the step) and adds, at each, the delay interpolated at that
   burst length (0 without a measurement).

@@ -1,6 +1,7 @@
 """Run by test_bench_comm.py under torchrun on 2 ranks: bench-comm's rank-skew measurement of bursts
-that sleep (no core is shared), where rank 1 sleeps ``extra`` ms longer than rank 0. Writes the
-delay and mean wait, in ms, to ``<prefix>.json`` from rank 0."""
+that sleep (no core is shared), where one rank sleeps ``extra`` ms longer than the other: rank 1 at
+every burst (``persistent``) or the ranks in turn (``alternating``). Writes the delay and mean
+wait, in ms, to ``<prefix>.json`` from rank 0."""
 
 import json
 import sys
@@ -16,14 +17,18 @@ from sora_dist.perf.bench_comm import skew_after
 BASE_MS = 10.0
 
 
-def main(prefix: str, extra_ms: float) -> None:
+def main(prefix: str, extra_ms: float, late: str) -> None:
     dist.init_process_group("gloo")
     dev = device_lib.detect("cpu")
     rank = dist.get_rank()
     tiny = torch.zeros(1)
+    bursts = 0
 
     def burst():
-        time.sleep((BASE_MS + (extra_ms if rank == 1 else 0.0)) / 1e3)
+        nonlocal bursts
+        late_rank = 1 if late == "persistent" else bursts % 2
+        bursts += 1
+        time.sleep((BASE_MS + (extra_ms if rank == late_rank else 0.0)) / 1e3)
 
     result = skew_after(burst, lambda: dist.all_reduce(tiny), 0.0, dev, iters=6)
     if rank == 0:
@@ -33,4 +38,4 @@ def main(prefix: str, extra_ms: float) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], float(sys.argv[2]))
+    main(sys.argv[1], float(sys.argv[2]), sys.argv[3])

@@ -62,15 +62,16 @@ def test_every_mesh_dimension_of_a_layout_is_measured(tmp_path, nproc, layout, d
         assert row["busbw_gbps"] == pytest.approx(algbw * bus_factor(row["op"], row["group_size"]) / 1e9)
 
 
-@pytest.mark.parametrize("extra_ms", [0.0, 40.0])
-def test_rank_skew_is_the_delay_a_straggler_adds_to_every_burst(tmp_path, extra_ms):
-    # Bursts that sleep 10 ms, rank 1's for 40 ms more: with an all-reduce after every burst the
-    # pair takes 50 ms a burst, against a mean of 30 ms when they never meet, so the delay is 20 ms;
-    # rank 0 waits 40 ms and rank 1 none, a mean wait of 20 ms. Balanced ranks give about 0.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(SKEW_WORKER), str(tmp_path / "skew"), str(extra_ms)]
+@pytest.mark.parametrize("extra_ms, late, delay_ms", [(0.0, "alternating", 0.0), (40.0, "alternating", 20.0), (40.0, "persistent", 0.0)])
+def test_rank_skew_is_the_delay_a_late_rank_adds_to_every_burst(tmp_path, extra_ms, late, delay_ms):
+    # Bursts that sleep 10 ms, one rank's for 40 ms more. Ranks late in turn: with an all-reduce
+    # after every burst the pair takes 50 ms a burst, against 30 ms when they never meet (each
+    # rank is late at half the bursts), so the delay is 20 ms. Rank 1 late every time: it needs
+    # 50 ms a burst either way, so the delay is 0; that is a slow rank, not skew. Either way the
+    # rank on time waits 40 ms at every burst and the other none, a mean wait of 20 ms.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(SKEW_WORKER), str(tmp_path / "skew"), str(extra_ms), late]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     measured = json.loads((tmp_path / "skew.json").read_text())
-    expected = extra_ms / 2
-    assert measured["delay_ms"] == pytest.approx(expected, abs=6.0)
-    assert measured["wait_ms"] == pytest.approx(expected, abs=6.0)
+    assert measured["delay_ms"] == pytest.approx(delay_ms, abs=6.0)
+    assert measured["wait_ms"] == pytest.approx(extra_ms / 2, abs=6.0)
