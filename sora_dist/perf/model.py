@@ -37,10 +37,10 @@ Rank skew.  Every blocking collective waits for the last rank to arrive. bench-c
   delay that costs the step after bursts of compute of several lengths (OS noise, ranks late in
   turn, ranks sharing cores): the bursts with a collective after each, against the same bursts
   with none between them on the slowest rank; not the mean wait, since where ranks share cores a
-  waiting rank's core goes to the ranks still computing. The model splits a rank's compute and host work evenly between
-  its blocking collectives (every collective above but DDP's buckets, which complete behind the
-  backward, plus one at the end of the step) and adds, at each, the delay interpolated at that
-  burst length (0 without a measurement).
+  waiting rank's core goes to the ranks still computing. The model splits a rank's compute and
+  host work evenly between its blocking collectives (every collective above but DDP's buckets,
+  which complete behind the backward, plus one at the end of the step) and adds, at each, the
+  delay interpolated at that burst length (0 without a measurement).
 Memory.  Parameters, gradients (fp32), AdamW moments (2 x fp32) and the EMA (fp32) are exact: the
   parameter shapes of the real module (built on the meta device), split by the real TP plan and
   chunked over FSDP's dimension 0 as FSDP2 does. Activations come from saved-tensor accounting of
