@@ -12,7 +12,10 @@ every direction; each application gets the frames it is given and the caption of
   positions (distance from the straight path, against the distance the blob travels);
 - text-to-video with the held-out colour-direction pairs (never in training): the blob must have
   that colour and move that way; the same for pairs training had (the control: an unseen pair
-  can only be expected to move where seen ones do).
+  can only be expected to move where seen ones do);
+- image-to-video with the held-out pairs, from a first frame of that colour: whether the model
+  reads the unseen caption's direction when the frame already fixes colour and place, which
+  tells a caption the model cannot compose from a clip it cannot lay out from text alone.
 
 The blob's position in a frame is the centroid of its brightness channel (3) above a floor; its
 direction is the nearest of the four to its displacement. Untrained models score at chance (25%
@@ -93,15 +96,20 @@ class Case:
     """(T,) bool given frames, or None."""
 
     @property
+    def kind(self) -> str:
+        """The application without the held-out suffix: what is given and what is measured."""
+        return self.application.removesuffix("_unseen")
+
+    @property
     def prompt(self) -> str:
         return caption_for(self.colour, "large", self.direction)
 
     def request(self) -> Request:
         if self.given is None:
-            return Request(self.application, CLIP_SHAPE)
+            return Request(self.kind, CLIP_SHAPE)
         given = torch.from_numpy(self.given)
         latents = torch.from_numpy(self.truth) * given[None, None, :, None, None]
-        return Request(self.application, CLIP_SHAPE, latents, given)
+        return Request(self.kind, CLIP_SHAPE, latents, given)
 
 
 GIVEN = {
@@ -114,7 +122,8 @@ GIVEN = {
 
 def make_cases(per_direction: int, seed: int) -> list[Case]:
     """Every application for every direction, with a colour that training paired with it
-    (text-to-video included, as the control), and text-to-video for the held-out pairs."""
+    (text-to-video included, as the control), and text-to-video and image-to-video for the
+    held-out pairs."""
     rng = np.random.default_rng(seed)
     colours = list(COLORS)
     cases = []
@@ -125,6 +134,9 @@ def make_cases(per_direction: int, seed: int) -> list[Case]:
             cases.append(Case(application, colour, direction, truth, given))
     for colour, direction in sorted(HELD_OUT):
         cases.append(Case("text_to_video_unseen", colour, direction, np.zeros((per_direction, 4, *CLIP_SHAPE), np.float32), None))
+    for colour, direction in sorted(HELD_OUT):  # after the others, so their clips stay as they were
+        truth = np.stack([render(colour, "large", direction, CLIP_SHAPE, rng) for _ in range(per_direction)]).astype(np.float32)
+        cases.append(Case("image_to_video_unseen", colour, direction, truth, GIVEN["image_to_video"]))
     return cases
 
 
@@ -139,10 +151,10 @@ def score(case: Case, clips: np.ndarray) -> list[dict]:
     for clip in clips:
         track = centroids(clip)
         row = {"colour": colour_of(clip[:, generated])}
-        if case.application in ("image_to_video", "extend_forward"):
+        if case.kind in ("image_to_video", "extend_forward"):
             last_given = int(np.flatnonzero(case.given)[-1])
             moving = track[last_given:]
-        elif case.application == "extend_backward":
+        elif case.kind == "extend_backward":
             moving = track[: int(np.flatnonzero(case.given)[0]) + 1]
         elif case.application == "connect":  # the generated middle alone: the given ends fix the way
             moving = track[1:-1]
