@@ -228,7 +228,8 @@ def one_step_offsets(model, objective, manifest, cases: list[Case], dev, levels=
     the blob in the model's one-step clean prediction, x0 = x_t - t v, from the true clip noised
     to t (its given frames clean, at t = 0), with the clip's caption. A sampler commits to the
     layout at high t, so a model whose high-t prediction lags behind the truth samples slow
-    motion; a model that knows the clips gives 0 everywhere. Flow objective only."""
+    motion; a model that knows the clips gives 0 everywhere. Text-to-video, with nothing given,
+    shows whether the caption sets the motion while the layout is decided. Flow objective only."""
     from sora_dist.diffusion.masks import broadcast_to_latents
     from sora_dist.diffusion.objectives import FlowObjective
 
@@ -237,14 +238,16 @@ def one_step_offsets(model, objective, manifest, cases: list[Case], dev, levels=
     model.eval()
     device, generator = dev.torch_device, torch.Generator().manual_seed(seed)
     sums: dict[str, dict[float, list[np.ndarray]]] = {}
-    for case in (c for c in cases if c.given is not None):
+    for case in (c for c in cases if c.truth.any()):  # every case with a true clip to noise
         text = torch.from_numpy(encode_prompt(manifest, case.prompt, "", model.cfg.text_dim, torch.device("cpu")))
         x0, n = torch.from_numpy(case.truth).to(device), len(case.truth)
         condition = case.request().condition(n, model.cfg.patch_size[0], device)
         true_along = along_direction(case.truth, np.zeros((n, 2)), case.direction)
         for level in levels:
-            t = condition.timesteps(torch.full((n,), level, device=device))  # (n, T'), 0 on the given frames
-            t_latent = broadcast_to_latents(t, x0, condition.patch_t)
+            t = torch.full((n,), level, device=device)
+            if condition is not None:
+                t = condition.timesteps(t)  # (n, T'), 0 on the given frames
+            t_latent = broadcast_to_latents(t, x0, model.cfg.patch_size[0])
             x_t = (1 - t_latent) * x0 + t_latent * torch.randn(x0.shape, generator=generator).to(device)
             v = model(x_t, t * 1000, text[None].expand(n, -1, -1).to(device), torch.ones(n, len(text), dtype=torch.bool, device=device))
             predicted = (x_t - t_latent * v.float()).cpu().numpy()

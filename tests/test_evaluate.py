@@ -98,3 +98,14 @@ def test_one_step_offsets_are_zero_for_the_truth_and_lag_for_a_blob_that_stays_s
         for row in offsets.values():
             np.testing.assert_allclose(row[:4], 0, atol=1e-6)  # given frames are the truth
             np.testing.assert_allclose(row[4:], expected, atol=0.35)
+
+
+def test_one_step_offsets_of_text_to_video_noise_the_whole_clip(setup):
+    cfg, model_cfg, objective, dev = setup
+    case = next(c for c in make_cases(per_direction=2, seed=5) if c.application == "text_to_video")
+    still = np.repeat(case.truth[:, :, :1], CLIP_SHAPE[0], axis=2)  # the first frame held: no motion at all
+    for clean, expected in ((case.truth, np.zeros(CLIP_SHAPE[0])), (still, -np.arange(CLIP_SHAPE[0]))):
+        oracle = KnowsTheClip(model_cfg, torch.from_numpy(clean))
+        offsets = one_step_offsets(oracle, objective, Manifest(), [case], dev)["text_to_video"]
+        for row in offsets.values():
+            np.testing.assert_allclose(row, expected, atol=0.35)
