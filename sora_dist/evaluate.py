@@ -156,13 +156,13 @@ def score(case: Case, clips: np.ndarray) -> list[dict]:
             moving = track[last_given:]
         elif case.kind == "extend_backward":
             moving = track[: int(np.flatnonzero(case.given)[0]) + 1]
-        elif case.application == "connect":  # the generated middle alone: the given ends fix the way
+        elif case.kind == "connect":  # the generated middle alone: the given ends fix the way
             moving = track[1:-1]
         else:
             moving = track
         row["direction"] = direction_of(moving[-1] - moving[0])
         row["speed"] = speed_along(moving, case.direction)
-        if case.application == "connect":
+        if case.kind == "connect":
             row["off_path"] = _off_path(track)
         rows.append(row)
     return rows
