@@ -97,18 +97,19 @@ def wait_for(condition, timeout_s: float, what: str, procs: list[subprocess.Pope
         time.sleep(0.2)
 
 
-def kept_samples(run: Path, attempts: list[dict]) -> tuple[list[tuple[int, int]], int]:
-    """(epoch, uid) of every sample in a kept step, and the number of steps redone."""
+def kept_samples(run: Path, attempts: list[dict]) -> tuple[list[tuple[int, int]], dict[int, int]]:
+    """(epoch, uid) of every sample in a kept step, and per data-parallel rank the number of its
+    step records that a restart redid."""
     ledger = read_ledger(run)
-    kept, redone = [], 0
+    kept, redone = [], {}
     for i, attempt in enumerate(attempts):
         limit = attempts[i + 1]["resumed_from_step"] if i + 1 < len(attempts) else float("inf")
-        for records in ledger.get(attempt["attempt"], {}).values():
+        for dp_rank, records in ledger.get(attempt["attempt"], {}).items():
             for r in records:
                 if r["step"] <= limit:
                     kept += [tuple(sample) for sample in r["samples"]]
                 else:
-                    redone += 1
+                    redone[dp_rank] = redone.get(dp_rank, 0) + 1
     return kept, redone
 
 
@@ -144,7 +145,7 @@ def run_drill(out: Path, steps: int = 40, kill_at_step: int = 14, every_steps: i
         "recovery_s": attempts[-1]["first_step_at"] - killed_at if len(attempts) > 1 else None,
         "steps_lost": [killed_after - step for step in resumed[:1]],  # from the ledger: every step is in it
         "goodput": summary["goodput"], "goodput_summary": format_summary(summary),
-        "kept_samples": len(kept), "distinct_kept_samples": len(set(kept)), "redone_step_records": redone,
+        "kept_samples": len(kept), "distinct_kept_samples": len(set(kept)), "redone_step_records": redone,  # per dp rank
     }
 
 

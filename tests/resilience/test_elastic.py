@@ -24,7 +24,10 @@ def test_a_killed_node_is_survived_by_the_other_alone(tmp_path):
     assert result["resumed_from_step"] == [result["killed_after_step"] // EVERY * EVERY]
     assert 0 <= result["steps_lost"][0] < EVERY
     assert result["kept_samples"] == result["distinct_kept_samples"] > 0  # exactly once
-    assert result["redone_step_records"] == result["steps_lost"][0] * 2  # both data-parallel ranks' lost steps
+    # Both data-parallel ranks redid the lost steps. The killed node may have finished its last step
+    # (its all-reduce done, so the survivor finished it too) and died before writing that record.
+    redone = [result["redone_step_records"].get(dp_rank, 0) for dp_rank in (0, 1)]
+    assert max(redone) == result["steps_lost"][0] and min(redone) >= result["steps_lost"][0] - 1
     assert 0 < result["recovery_s"] < 120 and 0 < result["goodput"] < 1
     log = (tmp_path / "node-a.log").read_text()
     assert "layout changed since step-" in log and "world size 2 -> 1 (dp_shard 2 -> 1)" in log
