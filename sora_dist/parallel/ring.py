@@ -18,8 +18,10 @@ import torch.distributed as dist
 from sora_dist.kernels import block_kernels
 
 
-def _ring_pass(tensors: list[torch.Tensor], group: dist.ProcessGroup) -> list[torch.Tensor]:
-    """Send each tensor to the next rank of the ring, receive the previous rank's."""
+def _start_pass(tensors: list[torch.Tensor], group: dist.ProcessGroup) -> tuple:
+    """Start sending each tensor to the next rank of the ring and receiving the previous rank's;
+    returns what ``_finish_pass`` waits for: the receive buffers, the requests and the tensors in
+    flight (kept alive, and unchanged by the caller, until then)."""
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     send_to = dist.get_global_rank(group, (rank + 1) % size)
     recv_from = dist.get_global_rank(group, (rank - 1) % size)
@@ -29,7 +31,14 @@ def _ring_pass(tensors: list[torch.Tensor], group: dist.ProcessGroup) -> list[to
     for t, r in zip(tensors, received):
         ops.append(dist.P2POp(dist.isend, t, send_to, group))
         ops.append(dist.P2POp(dist.irecv, r, recv_from, group))
-    for request in dist.batch_isend_irecv(ops):
+    return received, dist.batch_isend_irecv(ops), tensors
+
+
+def _finish_pass(pending: tuple) -> list[torch.Tensor]:
+    """Wait for a pass begun by ``_start_pass``; the received tensors (on a device, the current
+    stream waits for them and the host runs on)."""
+    received, requests, _ = pending
+    for request in requests:
         request.wait()
     return received
 
@@ -52,14 +61,14 @@ class _RingAttention(torch.autograd.Function):
         out = lse = None
         block_k, block_v = k, v
         for step in range(size):
-            if step + 1 < size:  # start passing the blocks on before computing with them
-                next_blocks = _ring_pass([block_k, block_v], group)
+            # The next blocks travel while this one is computed.
+            pending = _start_pass([block_k, block_v], group) if step + 1 < size else None
             length = valid_lengths[(rank - step) % size]  # this block came from ring rank rank - step
             if length:
                 block_out, block_lse = block_forward(q, block_k[:, :, :length], block_v[:, :, :length], scale)
                 out, lse = _merge(out, lse, block_out, block_lse)
-            if step + 1 < size:
-                block_k, block_v = next_blocks
+            if pending is not None:
+                block_k, block_v = _finish_pass(pending)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.scale, ctx.valid_lengths = group, scale, valid_lengths
@@ -76,19 +85,25 @@ class _RingAttention(torch.autograd.Function):
         grad_q = torch.zeros_like(q, dtype=accumulate)
         block_k, block_v = k, v
         grad_k, grad_v = torch.zeros_like(k, dtype=accumulate), torch.zeros_like(v, dtype=accumulate)
+        # The block and its gradient accumulator move on together, each pass behind the next
+        # compute: the block's while its gradients are computed, the accumulator's while the next
+        # block's are. After `size` passes the accumulators are back on the rank owning the block.
+        grads_pending = None
         for step in range(size):
+            blocks_pending = _start_pass([block_k, block_v], group) if step + 1 < size else None
             length = ctx.valid_lengths[(rank - step) % size]
             if length:
                 dq, dk, dv = block_backward(grad_out, q, block_k[:, :, :length], block_v[:, :, :length], out, lse, scale)
                 grad_q += dq
+            if grads_pending is not None:
+                grad_k, grad_v = _finish_pass(grads_pending)
+            if length:
                 grad_k[:, :, :length] += dk
                 grad_v[:, :, :length] += dv
-            # The block and its gradient accumulators move on together; after `size` passes the
-            # accumulators are back on the rank that owns the block.
-            if step + 1 < size:
-                block_k, block_v, grad_k, grad_v = _ring_pass([block_k, block_v, grad_k, grad_v], group)
-            else:
-                grad_k, grad_v = _ring_pass([grad_k, grad_v], group)
+            grads_pending = _start_pass([grad_k, grad_v], group)
+            if blocks_pending is not None:
+                block_k, block_v = _finish_pass(blocks_pending)
+        grad_k, grad_v = _finish_pass(grads_pending)
         return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None
 
 
