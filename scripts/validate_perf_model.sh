@@ -9,7 +9,7 @@ out=${1:?usage: scripts/validate_perf_model.sh OUT_DIR}
 mkdir -p "$out"
 export OMP_NUM_THREADS=1  # one core per rank; the model knows the host's cores are shared
 model=(--preset debug --model.hidden_size=256 --model.depth=4 --model.num_heads=8)
-comm=(-m sora_dist.perf.bench_comm --max-bytes 16M --iters 10 --preset debug --model.hidden_size=256 --model.num_heads=8)
+comm=(-m sora_dist.perf.bench_comm --max-bytes 16M --iters 10 --skew-bursts-ms 10 25 100 400 --skew-rounds 5 --preset debug --model.hidden_size=256 --model.num_heads=8)
 sora-dist calibrate "${model[@]}" --latent 4 32 32 --batches 1 2 4 --out "$out/calib.json"
 python -m torch.distributed.run --standalone --nproc-per-node 2 "${comm[@]}" --parallel.sp_ring=2 --json "$out/comm2.json"
 python -m torch.distributed.run --standalone --nproc-per-node 2 "${comm[@]}" --parallel.tp=2 --json "$out/comm2tp.json"

@@ -15,7 +15,7 @@ Sizes and bandwidths follow nccl-tests (github.com/NVIDIA/nccl-tests, doc/PERFOR
   size   the whole buffer: all_gather's output, reduce_scatter's input, all_reduce's and
          all_to_all's buffer, the bytes a rank sends in send/recv;
   time   the slowest rank's mean over --iters iterations (after --warmup); back to back as
-         nccl-tests runs them, or each after --after-compute-ms of matmuls, as in training;
+         nccl-tests runs them, or each after --after-compute-ms of compute, as in training;
   algbw  size / time;
   busbw  algbw x the collective's factor for a group of n ranks: 2(n-1)/n for all-reduces,
          (n-1)/n for all_gather, reduce_scatter and all_to_all, 1 for send/recv. busbw is
@@ -30,11 +30,13 @@ row; the performance model (sora-dist plan --calibration) fits latency and bandw
 Rank skew: ranks that compute the same work do not reach the next collective at the same moment
 (OS noise, stragglers, and on cpu, ranks sharing cores and descheduled in turn), so every blocking
 collective also waits for the last rank. bench-comm measures what that costs: every rank runs the
-same burst of matmuls (--skew-bursts-ms, several lengths) --iters times, once with a one-element
+same burst of training-like work (--skew-bursts-ms, several lengths: forward and backward of an
+MLP of the model's width, allocating as a training step does) --iters times, once with a one-element
 all-reduce over the world after every burst and once with none between them, all ranks starting
 together; the delay is the time per burst of the first (averaged over the ranks), less that of
 the second on the slowest rank, less the all-reduce back to back: the step time a blocking
-collective adds beyond the work itself. The second is the slowest rank's because the bursts
+collective adds beyond the work itself, in the median of --skew-rounds rounds that alternate
+the two. The second is the slowest rank's because the bursts
 without collectives end when the last rank is done, and where ranks share cores a rank that
 finishes early hands its core to the others: each rank's own time would be shorter than the
 work takes. So a rank that is slower at every burst is not skew (it is the slowest rank's work;
@@ -50,6 +52,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import statistics
 import sys
 import time
 from typing import Callable
@@ -163,43 +166,67 @@ def _each_after(compute: Callable[[], None], run: Callable[[], None], dev: devic
     return (time.perf_counter() - start) / iters, in_run / iters
 
 
-def compute_burst(seconds: float, dev: device_lib.Device) -> Callable[[], None] | None:
-    """A closure of matmuls that takes about ``seconds`` on this device, or None for 0. Every rank
-    gets the same number of matmuls (the mean of what each rank timed), as every rank of a layout
-    computes the same work: a rank that timed its matmuls while others were still starting would
-    otherwise run more of them every time and show up as skew."""
+BURST_TOKENS = 512  # rows of the burst's MLP input: a few ms a call on a cpu core
+
+
+def compute_burst(seconds: float, dev: device_lib.Device, width: int = 512, mlp_ratio: float = 4.0) -> Callable[[], None] | None:
+    """A closure of training-like work that takes about ``seconds`` on this device, or None for 0:
+    forward and backward, through autograd, of an MLP of the model's width over ``BURST_TOKENS``
+    tokens, so every call allocates its activations and gradients anew as a training step does.
+    (Matmuls into a fixed buffer run steadier than training: on 2 gloo ranks here they showed a
+    0-2 ms delay per collective where bench-train's Ulysses 2 step waited 2.4-3.5 ms for its
+    peer at each all-to-all, and this burst 3.5-4.7 ms.) Every rank gets the same number of calls
+    (the mean of what each rank timed), as every rank of a layout computes the same work: a rank
+    that timed while others were still starting would otherwise run more of them every time and
+    show up as skew."""
     if seconds <= 0:
         return None
-    a = torch.randn(512, 512, device=dev.torch_device)
+    hidden = int(width * mlp_ratio)
+    mlp = torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, width)).to(dev.torch_device)
+    x = torch.randn(BURST_TOKENS, width, device=dev.torch_device)
+
+    def once():
+        mlp.zero_grad(set_to_none=True)
+        mlp(x).square().mean().backward()
+
+    once()
     dev.synchronize()
-    dist.barrier()  # every rank times its matmuls under the same sharing of the host
+    dist.barrier()  # every rank times its calls under the same sharing of the host
     start, calls = time.perf_counter(), 0
-    while time.perf_counter() - start < 0.05:
-        a @ a
+    while time.perf_counter() - start < 0.2:
+        once()
         calls += 1
         dev.synchronize()
     repeats = max(1, round(mean_over_ranks(seconds / ((time.perf_counter() - start) / calls), dev.torch_device)))
-    return lambda: [a @ a for _ in range(repeats)]
+    return lambda: [once() for _ in range(repeats)]
 
 
-def rank_skew(dev: device_lib.Device, bursts_ms: list[float], iters: int) -> list[dict]:
-    """Per burst length of matmuls, ``skew_after`` it (see the module docstring)."""
+def rank_skew(dev: device_lib.Device, bursts_ms: list[float], iters: int, rounds: int = 1, width: int = 512, mlp_ratio: float = 4.0) -> list[dict]:
+    """Per burst length of training-like work, ``skew_after`` it (see the module docstring)."""
     tiny = torch.zeros(1, device=dev.torch_device)
 
     def all_reduce():
         dist.all_reduce(tiny)
 
     back_to_back = mean_over_ranks(time_op(all_reduce, None, dev, 3, iters), dev.torch_device)
-    return [{"burst_ms": burst_ms, **skew_after(compute_burst(burst_ms / 1e3, dev), all_reduce, back_to_back, dev, iters)} for burst_ms in bursts_ms]
+    return [{"burst_ms": burst_ms, **skew_after(compute_burst(burst_ms / 1e3, dev, width, mlp_ratio), all_reduce, back_to_back, dev, iters, rounds)}
+            for burst_ms in bursts_ms]
 
 
-def skew_after(burst: Callable[[], None], all_reduce: Callable[[], None], back_to_back: float, dev: device_lib.Device, iters: int) -> dict:
+def skew_after(burst: Callable[[], None], all_reduce: Callable[[], None], back_to_back: float, dev: device_lib.Device, iters: int,
+               rounds: int = 1) -> dict:
     """The delay (us) that ``all_reduce`` after every ``burst`` adds per burst (averaged over the
     ranks), against the bursts with none between them (the slowest rank's time: they are done
-    when it is) and less the all-reduce back to back; and the mean wait (us) inside it."""
-    unsynced = slowest(time_op(burst, None, dev, 1, iters), dev.torch_device)
-    synced, wait = (mean_over_ranks(v, dev.torch_device) for v in _bursts_then_all_reduce(burst, all_reduce, dev, iters))
-    return {"delay_us": max(0.0, synced - unsynced - back_to_back) * 1e6, "wait_us": max(0.0, wait - back_to_back) * 1e6}
+    when it is) and less the all-reduce back to back; and the mean wait (us) inside it. Over
+    ``rounds`` rounds of ``iters`` bursts each way, alternating, the median round: a host whose
+    speed drifts, or a slow spell in one round, moves both halves of a round alike or one round."""
+    delays, waits = [], []
+    for _ in range(rounds):
+        unsynced = slowest(time_op(burst, None, dev, 1, iters), dev.torch_device)
+        synced, wait = (mean_over_ranks(v, dev.torch_device) for v in _bursts_then_all_reduce(burst, all_reduce, dev, iters))
+        delays.append(max(0.0, synced - unsynced - back_to_back))
+        waits.append(max(0.0, wait - back_to_back))
+    return {"delay_us": statistics.median(delays) * 1e6, "wait_us": statistics.median(waits) * 1e6}
 
 
 def _bursts_then_all_reduce(burst: Callable[[], None], all_reduce: Callable[[], None], dev: device_lib.Device, iters: int) -> tuple[float, float]:
@@ -250,10 +277,12 @@ def benchmark(args, overrides: list[str], progress=print) -> dict:
     world_size, rank = start_distributed(dev, cfg.parallel.collective_timeout_minutes)
     if world_size < 2:
         raise SystemExit("bench-comm needs at least 2 ranks: run it under torchrun --nproc-per-node N")
-    dims = resolve_dims(cfg.parallel, world_size, resolve_model_config(cfg.model, 4, 64))
+    model_cfg = resolve_model_config(cfg.model, 4, 64)
+    dims = resolve_dims(cfg.parallel, world_size, model_cfg)
     mesh = build_mesh(dims, dev.kind)
     max_bytes = size_limit(args.max_bytes, dev, world_size)
-    compute = compute_burst(args.after_compute_ms / 1e3, dev)
+    width = (model_cfg.hidden_size, model_cfg.mlp_ratio)
+    compute = compute_burst(args.after_compute_ms / 1e3, dev, *width)
     rows = []
     for dim in measured_dims(dims):
         group, n = mesh[dim].get_group(), getattr(dims, dim)
@@ -265,7 +294,7 @@ def benchmark(args, overrides: list[str], progress=print) -> dict:
                              "algbw_gbps": algbw / 1e9, "busbw_gbps": algbw * bus_factor(op, n) / 1e9})
             if rank == 0:
                 progress(f"bench-comm: {dim} (n={n}) {op} done, peak busbw {max(r['busbw_gbps'] for r in rows if r['dim'] == dim and r['op'] == op):.2f} GB/s")
-    skew = rank_skew(dev, args.skew_bursts_ms, args.iters) if args.skew_bursts_ms else []
+    skew = rank_skew(dev, args.skew_bursts_ms, args.iters, args.skew_rounds, *width) if args.skew_bursts_ms else []
     return {"date": time.strftime("%Y-%m-%d %H:%M"), "device": dev.name, "backend": dist.get_backend(), "world_size": world_size,
             "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
             "layout": dims.describe(), "degrees": dict(zip(MESH_DIMS, dims.degrees)), "dtype": "float32",
@@ -305,9 +334,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--after-compute-ms", type=float, default=0.0,
-                        help="run this many ms of matmuls (untimed) before each timed call, as training does between collectives")
+                        help="run this many ms of training-like work (untimed) before each timed call, as training does between collectives")
     parser.add_argument("--skew-bursts-ms", type=float, nargs="*", default=[25.0, 100.0, 400.0, 1600.0],
                         help="compute bursts (ms) after which the rank skew is measured; none to skip it")
+    parser.add_argument("--skew-rounds", type=int, default=3,
+                        help="rounds of --iters bursts each way per burst length; the rank skew is the median round's")
     parser.add_argument("--json", default="", help="also write every row to this JSON file")
     return parser.parse_known_args(argv)
 
