@@ -173,9 +173,10 @@ def compute_burst(seconds: float, dev: device_lib.Device, width: int = 512, mlp_
     """A closure of training-like work that takes about ``seconds`` on this device, or None for 0:
     forward and backward, through autograd, of an MLP of the model's width over ``BURST_TOKENS``
     tokens, so every call allocates its activations and gradients anew as a training step does.
-    (Matmuls into a fixed buffer run steadier than training: on 2 gloo ranks here they showed a
-    0-2 ms delay per collective where bench-train's Ulysses 2 step waited 2.4-3.5 ms for its
-    peer at each all-to-all, and this burst 3.5-4.7 ms.) Every rank gets the same number of calls
+    (Matmuls into one buffer run steadier than training: on 2 gloo ranks here they showed 0-2 ms
+    of delay per collective, where a bench-train Ulysses 2 step waited 1.4-3.5 ms for its peer at
+    each all-to-all, by scripts/probe_ulysses_waits.py; after this burst, 0-11 ms, median 1.6,
+    over 28 measurements.) Every rank gets the same number of calls
     (the mean of what each rank timed), as every rank of a layout computes the same work: a rank
     that timed while others were still starting would otherwise run more of them every time and
     show up as skew."""
