@@ -3,6 +3,7 @@ under torchrun on 2 and 4 gloo ranks."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,17 @@ def test_rank_skew_is_the_delay_a_late_rank_adds_to_every_burst(tmp_path, extra_
     measured = json.loads((tmp_path / "skew.json").read_text())
     assert measured["delay_ms"] == pytest.approx(delay_ms, abs=6.0)
     assert measured["wait_ms"] == pytest.approx(extra_ms / 2, abs=6.0)
+
+
+def test_the_ulysses_wait_probe_times_every_all_to_all_of_a_step_on_every_rank():
+    # A 1-block model: 4 all-to-alls in the self-attention's forward (q, k, v in, output back) and
+    # 4 in its backward, as the performance model counts them.
+    probe = Path(__file__).resolve().parents[2] / "scripts" / "probe_ulysses_waits.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(probe), "--preset", "debug",
+           "--model.hidden_size=64", "--model.depth=1", "--model.num_heads=4", "--latent", "2", "8", "8", "--batch", "2",
+           "--steps", "2", "--warmup", "1", "--parallel.sp_ulysses=2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Each rank's report is one write, though it may land inside a line rank 0's table is printing.
+    reports = re.findall(r"rank (\d): (\d+) all-to-alls a step; per all-to-all: waiting for the peers median [\d.]+ ms", result.stdout)
+    assert sorted(reports) == [("0", "8"), ("1", "8")]
