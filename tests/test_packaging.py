@@ -47,3 +47,22 @@ def test_wheel_installs_every_subpackage_and_the_cli(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     cli = subprocess.run([str(fresh / "bin" / "sora-dist"), "train", "--help"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert cli.returncode == 0 and "--optim.lr=" in cli.stdout, cli.stderr[-2000:]
+
+
+def test_the_checkouts_kernels_folder_does_not_hide_an_installed_kernels_package():
+    # `python -m ...` run from the checkout puts its root on sys.path, where kernels/ (installed as
+    # sora_dist.kernels) would shadow a top-level `kernels` distribution such as the one
+    # transformers requires. Imported that way, the folder hands over to the installed package.
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    code = "import kernels, sora_dist.kernels as ours; print(kernels.__file__); print(ours.attention.__module__)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    try:
+        installed = Path(distribution("kernels").locate_file("kernels/__init__.py")).resolve()
+    except PackageNotFoundError:
+        assert result.returncode != 0 and "No module named 'kernels'" in result.stderr
+        return
+    assert result.returncode == 0, result.stderr[-2000:]
+    found, module = result.stdout.split()
+    assert Path(found).resolve() == installed != REPO / "kernels" / "__init__.py"
+    assert module == "sora_dist.kernels.attention"
