@@ -64,6 +64,7 @@ import torch.distributed._functional_collectives as functional
 from sora_dist import device as device_lib
 from sora_dist.build import start_distributed, stop_distributed
 from sora_dist.config import load_config, resolve_model_config
+from sora_dist.models.dit import Mlp
 from sora_dist.parallel.mesh import MESH_DIMS, build_mesh, resolve_dims
 from sora_dist.perf.output import report_on_rank_zero
 
@@ -169,9 +170,9 @@ def _each_after(compute: Callable[[], None], run: Callable[[], None], dev: devic
 BURST_TOKENS = 512  # rows of the burst's MLP input: a few ms a call on a cpu core
 
 
-def compute_burst(seconds: float, dev: device_lib.Device, width: int = 512, mlp_ratio: float = 4.0) -> Callable[[], None] | None:
+def compute_burst(seconds: float, dev: device_lib.Device, width: int = 512, mlp_hidden: int = 2048) -> Callable[[], None] | None:
     """A closure of training-like work that takes about ``seconds`` on this device, or None for 0:
-    forward and backward, through autograd, of an MLP of the model's width over ``BURST_TOKENS``
+    forward and backward, through autograd, of the model's MLP (``Mlp``) at its width over ``BURST_TOKENS``
     tokens, so every call allocates its activations and gradients anew as a training step does.
     (Matmuls into one buffer run steadier than training: on 2 gloo ranks here they showed 0-2 ms
     of delay per collective, where a bench-train Ulysses 2 step waited 1.4-3.5 ms for its peer at
@@ -182,8 +183,7 @@ def compute_burst(seconds: float, dev: device_lib.Device, width: int = 512, mlp_
     show up as skew."""
     if seconds <= 0:
         return None
-    hidden = int(width * mlp_ratio)
-    mlp = torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, width)).to(dev.torch_device)
+    mlp = Mlp(width, mlp_hidden).to(dev.torch_device)
     x = torch.randn(BURST_TOKENS, width, device=dev.torch_device)
 
     def once():
@@ -202,7 +202,7 @@ def compute_burst(seconds: float, dev: device_lib.Device, width: int = 512, mlp_
     return lambda: [once() for _ in range(repeats)]
 
 
-def rank_skew(dev: device_lib.Device, bursts_ms: list[float], iters: int, rounds: int = 1, width: int = 512, mlp_ratio: float = 4.0) -> list[dict]:
+def rank_skew(dev: device_lib.Device, bursts_ms: list[float], iters: int, rounds: int = 1, width: int = 512, mlp_hidden: int = 2048) -> list[dict]:
     """Per burst length of training-like work, ``skew_after`` it (see the module docstring)."""
     tiny = torch.zeros(1, device=dev.torch_device)
 
@@ -210,7 +210,7 @@ def rank_skew(dev: device_lib.Device, bursts_ms: list[float], iters: int, rounds
         dist.all_reduce(tiny)
 
     back_to_back = mean_over_ranks(time_op(all_reduce, None, dev, 3, iters), dev.torch_device)
-    return [{"burst_ms": burst_ms, **skew_after(compute_burst(burst_ms / 1e3, dev, width, mlp_ratio), all_reduce, back_to_back, dev, iters, rounds)}
+    return [{"burst_ms": burst_ms, **skew_after(compute_burst(burst_ms / 1e3, dev, width, mlp_hidden), all_reduce, back_to_back, dev, iters, rounds)}
             for burst_ms in bursts_ms]
 
 
@@ -282,8 +282,8 @@ def benchmark(args, overrides: list[str], progress=print) -> dict:
     dims = resolve_dims(cfg.parallel, world_size, model_cfg)
     mesh = build_mesh(dims, dev.kind)
     max_bytes = size_limit(args.max_bytes, dev, world_size)
-    width = (model_cfg.hidden_size, model_cfg.mlp_ratio)
-    compute = compute_burst(args.after_compute_ms / 1e3, dev, *width)
+    mlp_shape = (model_cfg.hidden_size, model_cfg.mlp_hidden)
+    compute = compute_burst(args.after_compute_ms / 1e3, dev, *mlp_shape)
     rows = []
     for dim in measured_dims(dims):
         group, n = mesh[dim].get_group(), getattr(dims, dim)
@@ -295,7 +295,7 @@ def benchmark(args, overrides: list[str], progress=print) -> dict:
                              "algbw_gbps": algbw / 1e9, "busbw_gbps": algbw * bus_factor(op, n) / 1e9})
             if rank == 0:
                 progress(f"bench-comm: {dim} (n={n}) {op} done, peak busbw {max(r['busbw_gbps'] for r in rows if r['dim'] == dim and r['op'] == op):.2f} GB/s")
-    skew = rank_skew(dev, args.skew_bursts_ms, args.iters, args.skew_rounds, *width) if args.skew_bursts_ms else []
+    skew = rank_skew(dev, args.skew_bursts_ms, args.iters, args.skew_rounds, *mlp_shape) if args.skew_bursts_ms else []
     return {"date": time.strftime("%Y-%m-%d %H:%M"), "device": dev.name, "backend": dist.get_backend(), "world_size": world_size,
             "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
             "layout": dims.describe(), "degrees": dict(zip(MESH_DIMS, dims.degrees)), "dtype": "float32",
