@@ -3,9 +3,12 @@
 Everything is per device (rank) and per optimizer step, for a global batch split evenly over the
 data-parallel ranks (no gradient accumulation). The terms, and what they assume:
 
-Compute.  Model FLOPs per rank are ``sora_dist.models.train_flops`` (3x the forward matmuls) for
-  the rank's samples, divided by the SP and TP degrees; activation checkpointing adds one forward
-  of every recomputed block. Time is FLOPs over the achieved rate (peak x compute efficiency, or
+Compute.  The FLOPs a rank runs are ``sora_dist.models.executed_train_flops`` for its samples:
+  SP divides the tokens' work but not the patch embedding (before the split) nor the text's and
+  timestep's (every SP rank conditions on the whole sample); TP divides the layers of its plan;
+  layers fed by data compute no input gradient; activation checkpointing adds one forward of
+  every recomputed block. MFU counts model FLOPs (``train_flops``, 3x the forward matmuls)
+  divided evenly over SP and TP. Time is FLOPs over the achieved rate (peak x compute efficiency, or
   measured by ``calibrate``), plus the optimizer and EMA update, which is memory bound (44 bytes
   per local parameter: AdamW reads p, g, m, v and writes p, m, v; the EMA reads p and updates its
   copy; clipping reads g), plus a fixed per-step overhead (calibrated; 0 otherwise).
@@ -63,7 +66,7 @@ import torch
 
 from sora_dist.config import ParallelConfig
 from sora_dist.errors import ConfigError
-from sora_dist.models import DiTConfig, VideoDiT, forward_flops, train_flops
+from sora_dist.models import DiTConfig, VideoDiT, executed_train_flops, train_flops
 from sora_dist.parallel.mesh import MESH_DIMS, ParallelDims, resolve_dims
 from sora_dist.parallel.tensor import TP_PLAN
 from sora_dist.perf.bench_comm import bus_factor
@@ -447,8 +450,8 @@ def compute_flops(work: Workload, layout: Layout) -> tuple[float, float]:
     tokens = dims.sp * -(-work.tokens // dims.sp)  # padded to the SP degree
     latent = _latent_with_tokens(work, tokens)
     model_flops = b * train_flops(m, latent, work.text_len) / (dims.sp * dims.tp)
-    recomputed = checkpointed_blocks(m.depth, layout.ac, layout.ac_every) / m.depth
-    executed = model_flops + recomputed * b * forward_flops(m, latent, work.text_len) / (dims.sp * dims.tp)
+    recomputed = checkpointed_blocks(m.depth, layout.ac, layout.ac_every)
+    executed = b * executed_train_flops(m, latent, work.text_len, dims.sp, dims.tp, recomputed)
     return executed, model_flops
 
 

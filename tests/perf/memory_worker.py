@@ -1,15 +1,18 @@
 """Run by test_model.py under torchrun: build a layout on the real build path, take one training
-step, and report this rank's parameter, gradient and AdamW-moment bytes and its saved activations
-(saved-tensor accounting of one forward), for comparison with the performance model."""
+step, and report this rank's parameter, gradient and AdamW-moment bytes, its saved activations
+(saved-tensor accounting of one forward) and the matmul FLOPs of one forward and backward
+(torch's FLOP counter), for comparison with the performance model."""
 
 import json
 import sys
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from sora_dist import device as device_lib
 from sora_dist.build import build_stack, start_distributed, stop_distributed
 from sora_dist.config import load_config, resolve_model_config
+from sora_dist.kernels import set_attention_backend
 from sora_dist.parallel.mesh import local_bytes
 
 # Uneven on purpose: head_dim 12 and null_text's single row do not divide over 4 FSDP ranks.
@@ -39,6 +42,21 @@ def saved_activation_bytes(model, *inputs) -> int:
     return sum(seen.values()), out
 
 
+def training_flops(engine, *inputs) -> int:
+    """Matmul FLOPs this rank runs for one forward and backward, counted by torch on the reference
+    attention backend (plain matmuls: the counter does not see CPU SDPA's fused kernel). The
+    gradients are dropped afterwards. Under TP the counter sees DTensor ops at their global
+    shapes, so there the count is not this rank's."""
+    set_attention_backend("reference")
+    try:
+        with FlopCounterMode(display=False) as counter:
+            engine.backward(engine.model(*inputs).float().pow(2).mean())
+    finally:
+        set_attention_backend("sdpa")
+    engine.model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 def main():
     out_prefix, batch = sys.argv[1], int(sys.argv[2])
     cfg = load_config(None, [*MODEL, "--optim.ema_decay=0", *sys.argv[3:]])
@@ -49,13 +67,14 @@ def main():
     g = torch.Generator().manual_seed(stack.dp_rank)
     x = torch.randn(batch, IN_CHANNELS, *LATENT, generator=g)
     inputs = (x, torch.rand(batch, generator=g) * 1000, torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=g), torch.ones(batch, TEXT_LEN, dtype=torch.bool))
+    flops = training_flops(stack.engine, *inputs)
     activations, out = saved_activation_bytes(stack.engine.model, *inputs)
     stack.engine.backward(out.float().pow(2).mean() * stack.dims.sp)
     grads = local_bytes(p.grad for p in stack.model.parameters() if p.grad is not None)
     stack.engine.step(lambda norm: None)
     moments = [v for state in stack.optimizer.state.values() for k, v in state.items() if k in ("exp_avg", "exp_avg_sq")]
     report = {"rank": rank, "parameters": local_bytes(stack.model.parameters()), "gradients": grads,
-              "optimizer": local_bytes(moments), "activations": activations}
+              "optimizer": local_bytes(moments), "activations": activations, "flops": flops}
     with open(f"{out_prefix}.{rank}.json", "w") as f:
         json.dump(report, f)
     stop_distributed()
