@@ -109,14 +109,22 @@ def measured_part(result: dict, calibration: Calibration) -> Accelerator:
                        overlap=not result["device"].startswith("cpu"), platform="measured")
 
 
-def rankings(rows: list[dict]) -> dict[int, dict[str, list[str]]]:
-    """Per world size with several layouts: layouts ordered by predicted and by measured time."""
+def rankings(rows: list[dict], top: int = 3) -> dict[int, dict[str, list]]:
+    """Per world size with several layouts: layouts ordered by predicted and by measured time, and
+    the ``contradictions`` of the predicted best ``top``: pairs (a, b) where a is predicted faster
+    than b but every run of b measured faster than every run of a. Layouts whose runs overlap are
+    not ordered by the measurement, so an order the two sides disagree on there is no
+    contradiction; with one run per layout every disagreement is one."""
     out = {}
     for world in sorted({r["world_size"] for r in rows}):
         same = [r for r in rows if r["world_size"] == world]
         if len(same) > 1:
-            out[world] = {"predicted": [r["layout"] for r in sorted(same, key=lambda r: r["predicted_s"])],
-                          "measured": [r["layout"] for r in sorted(same, key=lambda r: r["measured_s"])]}
+            predicted = sorted(same, key=lambda r: r["predicted_s"])
+            contradictions = [[a["layout"], b["layout"]] for i, a in enumerate(predicted[:top]) for b in predicted[i + 1:]
+                              if max(b["measured_repeats_s"]) < min(a["measured_repeats_s"])]
+            out[world] = {"predicted": [r["layout"] for r in predicted],
+                          "measured": [r["layout"] for r in sorted(same, key=lambda r: r["measured_s"])],
+                          "contradictions": contradictions}
     return out
 
 
@@ -132,6 +140,9 @@ def format_report(rows: list[dict]) -> str:
         top = min(3, len(order["measured"]))
         same = order["predicted"][:top] == order["measured"][:top]
         lines.append(f"{world} ranks: best {top} measured {order['measured'][:top]}; predicted {'the same' if same else order['predicted'][:top]}")
+        if not same:
+            against = "; ".join(f"{b} measured faster than {a} in every run" for a, b in order["contradictions"])
+            lines.append(f"  {'contradicted: ' + against if against else 'the orders differ only between layouts whose runs overlap'}")
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ import pytest
 from sora_dist.perf.bench_comm import bus_factor
 from sora_dist.perf.calibration import fit_latency_bandwidth, load_calibration
 from sora_dist.perf.plan import main as plan_main
+from sora_dist.perf.scaling import format_report, rankings
 
 TINY = ["--preset", "debug", "--latent", "2", "8", "8"]
 
@@ -80,3 +81,24 @@ def test_plan_says_how_many_days_a_compute_budget_takes(capsys):
     days = float(capsys.readouterr().out.split("days to train on #1: ")[1].split()[0])
     assert plan_main([*args, "--train-flops", "2e23"]) == 0
     assert float(capsys.readouterr().out.split("days to train on #1: ")[1].split()[0]) == pytest.approx(2 * days, rel=0.01)
+
+
+def _row(layout: str, predicted_ms: float, runs_ms: list[float]) -> dict:
+    runs = [ms / 1e3 for ms in runs_ms]
+    return {"world_size": 2, "layout": layout, "predicted_s": predicted_ms / 1e3, "measured_s": sorted(runs)[len(runs) // 2],
+            "measured_repeats_s": runs, "error": 0.0, "compute_s": 0.0, "optimizer_s": 0.0, "comm_s": {}, "host_s": 0.0, "skew_s": 0.0}
+
+
+def test_ranking_counts_only_orders_the_runs_settle_as_contradictions():
+    rows = [_row("a", 100, [100, 101, 102]), _row("b", 110, [115, 109, 120]), _row("c", 120, [108, 112, 111]), _row("d", 130, [140, 141, 142])]
+    order = rankings(rows)[2]
+    assert order["predicted"] == ["a", "b", "c", "d"] and order["measured"] == ["a", "c", "b", "d"]
+    assert order["contradictions"] == []  # b and c swapped, but their runs overlap (109-120 against 108-112)
+    assert "differ only between layouts whose runs overlap" in format_report(rows)
+
+    rows[2] = _row("c", 120, [104, 105, 106])  # now every run of c beats every run of b
+    assert rankings(rows)[2]["contradictions"] == [["b", "c"]]
+    assert "contradicted: c measured faster than b in every run" in format_report(rows)
+
+    single = [_row("a", 100, [100]), _row("b", 110, [99])]  # one run each: any swap is a contradiction
+    assert rankings(single)[2]["contradictions"] == [["a", "b"]]
