@@ -11,6 +11,9 @@ Parts, each run in a fresh process so that one failure or out-of-memory does not
 - ``demo``: configs/demo.yaml trained on the GPU in bf16, its loss against the CPU run's;
 - ``train``: ``bench-train`` for DiT-XL at 4k tokens, 1B at 16k and 3B at 32k (full activation
   checkpointing), each with the fused kernels and torch.compile on and off;
+- ``calibrate``: ``sora-dist calibrate`` on DiT-XL at 4k tokens (batches 1, 2, 4), then the
+  performance model's single-device step time for every eager, fused ``train`` run against the
+  measured one (1B and 3B are outside the calibration's runs: a prediction, not a fit);
 - ``kernels``: ``bench-kernels`` (attention TFLOP/s per backend, fused kernels against a copy);
 - ``loader``: ``bench-loader`` with the DiT-XL step times measured by ``train``.
 
@@ -39,7 +42,7 @@ import torch
 
 log = logging.getLogger("sora_dist")
 REPO = Path(__file__).resolve().parents[2]
-PARTS = ("env", "tests", "demo", "train", "kernels", "loader")
+PARTS = ("env", "tests", "demo", "train", "calibrate", "kernels", "loader")
 
 # (name, preset, latent T h w, extra overrides): the issue's three sizes; 3B needs full AC on one GPU.
 TRAIN_CASES = (
@@ -48,6 +51,9 @@ TRAIN_CASES = (
     ("3B 32k", "3B", (32, 64, 64), ["--parallel.activation_checkpointing=full"]),
 )
 SMALL_TRAIN_CASES = (("debug 64", "debug", (4, 8, 8), []),)
+# (preset, latent, batches) that calibrate the performance model: the smallest train case.
+CALIBRATION_CASE = ("XL", (16, 32, 32), (1, 2, 4))
+SMALL_CALIBRATION_CASE = ("debug", (4, 8, 8), (1, 2))
 # Demo loss on the 2-core CPU (README, 2026-11-22): mean of the first and last tenth of the logs.
 CPU_DEMO_LOSS = {"first_tenth": 0.324, "last_tenth": 0.031}
 
@@ -155,6 +161,27 @@ def part_train(out: Path, args) -> dict:
     return {"rows": rows}
 
 
+def part_calibrate(out: Path, args, train: dict) -> dict:
+    """Calibrate the performance model on this device, then predict the single-device step time of
+    the ``train`` part's eager runs with the fused kernels (the calibration's own settings)."""
+    from sora_dist.perf.calibration import load_calibration
+    from sora_dist.perf.scaling import compare
+
+    preset, latent, batches = SMALL_CALIBRATION_CASE if args.small else CALIBRATION_CASE
+    calib = out / "calib.json"
+    cmd = [sys.executable, "-m", "sora_dist.cli", "calibrate", "--preset", preset, "--latent", *map(str, latent),
+           "--batches", *map(str, batches), "--out", str(calib)]
+    code, seconds = _run(cmd, out / "calibrate.log", args.timeout)
+    result = {"exit_code": code, "seconds": seconds, "preset": preset, "latent": list(latent), "batches": list(batches)}
+    if code != 0 or not calib.is_file():
+        return {**result, "error": _tail(out / "calibrate.log")}
+    data = json.loads(calib.read_text())
+    result.update({k: data[k] for k in ("flops_rate", "step_overhead_s", "memory_bw", "wrapper_host_s_per_block")})
+    measured = [r for r in train.get("rows", []) if r.get("step_s_median") and r["fused_requested"] == "auto" and not r["compile"]]
+    result["predictions"] = [{"case": r["case"], **row} for r, row in zip(measured, compare(measured, load_calibration([str(calib)])))]
+    return result
+
+
 def part_kernels(out: Path, args) -> dict:
     json_path = out / "kernels.json"
     code, seconds = _run([sys.executable, "-m", "sora_dist.perf.bench_kernels", "--json", str(json_path), *(["--small"] if args.small else [])],
@@ -223,6 +250,7 @@ def markdown(report: dict) -> str:
             else:
                 lines.append(f"| {r['preset']} | | {r['fused']} | {r['compile']} | failed (exit {r['exit_code']}) | | | | |")
         lines.append("")
+    lines += _calibration_lines(report.get("calibrate", {}))
     kernels = report.get("kernels", {})
     if kernels.get("attention"):
         lines += ["| attention backend | head dim | tokens | ms | TFLOP/s |", "|---|---|---|---|---|"]
@@ -235,6 +263,21 @@ def markdown(report: dict) -> str:
         lines += [f"| {r['profile']} | {r['workers']} | {r['samples_per_s']:.0f} | {r['step_ms']:.1f} ({r['step_source']}) | {r['data_wait_frac']:.2%} |"
                   for r in loader["rows"]] + [""]
     return "\n".join(lines)
+
+
+def _calibration_lines(cal: dict) -> list[str]:
+    if not cal:
+        return []
+    if "flops_rate" not in cal:
+        return [f"Calibration: failed (exit {cal['exit_code']})", ""]
+    lines = [f"Calibration ({cal['preset']} latent {cal['latent']}, batches {cal['batches']}): {cal['flops_rate'] / 1e12:.3g} TFLOP/s achieved, "
+             f"{cal['step_overhead_s'] * 1e3:.1f} ms fixed per step, copy {cal['memory_bw'] / 1e9:.0f} GB/s", ""]
+    if not cal["predictions"]:
+        return lines + ["No eager fused train runs to predict: run the train part first.", ""]
+    lines += ["| model | layout | batch | predicted step (ms) | measured step (ms) | error |", "|---|---|---|---|---|---|"]
+    lines += [f"| {p['case']} | {p['layout']} | {p['global_batch']} | {p['predicted_s'] * 1e3:.1f} | {p['measured_s'] * 1e3:.1f} | {p['error']:+.1%} |"
+              for p in cal["predictions"]]
+    return lines + [""]
 
 
 def run(args) -> dict:
@@ -250,7 +293,10 @@ def run(args) -> dict:
             continue
         log.info("gpu-proof: %s ...", name)
         started = time.perf_counter()
-        report[name] = part_loader(out, args, report.get("train", {})) if name == "loader" else steps[name](out, args)
+        if name in ("loader", "calibrate"):  # these read the train part's step times
+            report[name] = (part_loader if name == "loader" else part_calibrate)(out, args, report.get("train", {}))
+        else:
+            report[name] = steps[name](out, args)
         log.info("gpu-proof: %s done in %.0f s", name, time.perf_counter() - started)
         path.write_text(json.dumps(report, indent=2, default=str))
         (out / "gpu_proof.md").write_text(markdown(report))
