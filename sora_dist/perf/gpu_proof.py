@@ -288,13 +288,12 @@ def run(args) -> dict:
     report.update(cuda=torch.cuda.is_available(), small=args.small, env=environment(),
                   parts=sorted(set(report.get("parts", [])) | set(args.parts)))
     steps = {"tests": part_tests, "demo": part_demo, "train": part_train, "kernels": part_kernels}
-    for name in args.parts:
-        if name == "env":
-            continue
+    reading_train = {"calibrate": part_calibrate, "loader": part_loader}  # these use the train part's step times
+    for name in (p for p in PARTS if p in args.parts and p != "env"):  # train first, in any order given
         log.info("gpu-proof: %s ...", name)
         started = time.perf_counter()
-        if name in ("loader", "calibrate"):  # these read the train part's step times
-            report[name] = (part_loader if name == "loader" else part_calibrate)(out, args, report.get("train", {}))
+        if name in reading_train:
+            report[name] = reading_train[name](out, args, report.get("train", {}))
         else:
             report[name] = steps[name](out, args)
         log.info("gpu-proof: %s done in %.0f s", name, time.perf_counter() - started)
