@@ -96,7 +96,8 @@ def _run(cmd: list[str], log_path: Path, timeout: float, env: Optional[dict] = N
 def part_tests(out: Path, args) -> dict:
     """pytest tests/gpu in a process of its own; the outcome of every test from its JUnit XML."""
     xml = out / "gpu_tests.xml"
-    code, seconds = _run([sys.executable, "-m", "pytest", "tests/gpu", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={xml}"],
+    # The project's addopts ask for pytest-rerunfailures, which a bare GPU image lacks: none here.
+    code, seconds = _run([sys.executable, "-m", "pytest", "tests/gpu", "-q", "-rs", "-o", "addopts=", "-p", "no:cacheprovider", f"--junitxml={xml}"],
                          out / "gpu_tests.log", args.timeout)
     outcomes = {"passed": 0, "failed": 0, "skipped": 0}
     failures, skip_reasons = [], set()
