@@ -109,7 +109,11 @@ def measured_part(result: dict, calibration: Calibration) -> Accelerator:
                        overlap=not result["device"].startswith("cpu"), platform="measured")
 
 
-def rankings(rows: list[dict], top: int = 3) -> dict[int, dict[str, list]]:
+RANKED = 3
+"""How many of the best layouts per world size the ranking compares (the issue's target)."""
+
+
+def rankings(rows: list[dict], top: int = RANKED) -> dict[int, dict[str, list]]:
     """Per world size with several layouts: layouts ordered by predicted and by measured time, and
     the ``contradictions`` of the predicted best ``top``: pairs (a, b) where a is predicted faster
     than b but every run of b measured faster than every run of a. Layouts whose runs overlap are
@@ -137,7 +141,7 @@ def format_report(rows: list[dict]) -> str:
     errors = [abs(r["error"]) for r in rows]
     lines.append(f"median |error| {statistics.median(errors):.1%}, max |error| {max(errors):.1%} over {len(rows)} layouts")
     for world, order in rankings(rows).items():
-        top = min(3, len(order["measured"]))
+        top = min(RANKED, len(order["measured"]))
         same = order["predicted"][:top] == order["measured"][:top]
         lines.append(f"{world} ranks: best {top} measured {order['measured'][:top]}; predicted {'the same' if same else order['predicted'][:top]}")
         if not same:
