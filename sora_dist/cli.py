@@ -1,4 +1,4 @@
-"""``sora-dist`` command line: train | sample | export | make-synthetic | encode | decode | inspect | plot | goodput | fault-drill | bench-* | plan | ..."""
+"""``sora-dist`` command line: train | sample | export | checkpoint verify | make-synthetic | encode | decode | inspect | plot | goodput | fault-drill | bench-* | plan | ..."""
 
 from __future__ import annotations
 
@@ -88,6 +88,32 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> None:
     metadata = {"model_config": json.dumps(cfg.to_dict()["model"]), "weights": used, "checkpoint": str(path)}
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.out, metadata=metadata)
     log.info("exported the %s weights of %s (%d tensors) -> %s", used, path, len(model.state_dict()), args.out)
+
+
+def cmd_checkpoint_verify(args: argparse.Namespace, overrides: list[str]) -> None:
+    import time
+
+    from sora_dist.checkpoint import COMPLETE, finished_checkpoints, verify
+    from sora_dist.checkpoint.manager import checkpoint_size
+    from sora_dist.errors import CheckpointError
+
+    path = Path(args.path)
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    paths = [path] if (path / COMPLETE).exists() or path.name.startswith("step-") else finished_checkpoints(folder)
+    if not paths:
+        raise CheckpointError(f"{path} holds no step-N checkpoint: pass a checkpoint folder, a checkpoint.dir or a run folder")
+    damaged = 0
+    for checkpoint in paths:
+        start = time.perf_counter()
+        problems = verify(checkpoint)
+        if problems:
+            damaged += 1
+            print(f"{checkpoint.name:<14} DAMAGED  {'; '.join(problems)}")
+        else:
+            size = checkpoint_size(checkpoint)
+            print(f"{checkpoint.name:<14} ok       {size / 2**20:.1f} MiB verified in {time.perf_counter() - start:.2f} s")
+    if damaged:
+        raise CheckpointError(f"{damaged} of {len(paths)} checkpoints in {folder} are damaged; a resume skips them and tries the one before")
 
 
 def cmd_goodput(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -204,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench-scaling", help="bench-train over many layouts and world sizes, against the model's predictions")
     sub.add_parser("scaling-report", help="predicted vs measured from bench-train JSON of separate jobs")
     sub.add_parser("fault-drill", help="kill one of two elastic 'nodes' on localhost; report recovery time, steps lost, goodput")
+
+    p = sub.add_parser("checkpoint", help="check checkpoints offline: every file against the checksums written with it")
+    actions = p.add_subparsers(dest="action", required=True)
+    v = actions.add_parser("verify", help="verify a step-N folder, or every checkpoint of a checkpoint.dir or run folder")
+    v.add_argument("path", help="RUN/checkpoints/step-N, a checkpoint.dir, or a run folder (train.out_dir)")
+    v.set_defaults(func=cmd_checkpoint_verify, overrides_allowed=False)
 
     p = sub.add_parser("goodput", help="where a run's wall time went, across its restarts: productive steps, lost work, saves, waits")
     p.add_argument("run", help="a run folder (train.out_dir)")

@@ -229,6 +229,8 @@ class CheckpointConfig:
     """Start from these weights (a safetensors file from `sora-dist export`) instead of random ones: fine-tuning."""
     save_final: bool = True
     """Write the final weights (and EMA weights) as safetensors with the config into out_dir."""
+    max_failed_saves: int = 3
+    """A failed save (no space, I/O error) is logged and training goes on; stop after this many in a row (0: never)."""
 
 
 @dataclass

@@ -25,6 +25,10 @@ class TrainingError(SoraDistError):
     """Training cannot continue (e.g. the loss became non-finite)."""
 
 
+class CheckpointError(SoraDistError):
+    """A checkpoint that cannot be written or read: damaged, crafted, or no room for it."""
+
+
 class MissingDependencyError(SoraDistError):
     """An optional package the command needs is not installed."""
 

@@ -157,8 +157,9 @@ def build_run(cfg: Config, dev, world_size: int, rank: int) -> tuple[Run, object
         stack = build_stack(cfg, dev, model_cfg, world_size)
     except ConfigError as err:
         raise explain_layout_error(err, world_size, cfg.parallel) from None
+    one_checkpoint = checkpoint_bytes(model_cfg, cfg.optim.ema_decay > 0)
     if saves_enabled(cfg.checkpoint):
-        check_checkpoint_space(checkpoint_dir(cfg.checkpoint, out_dir), checkpoint_bytes(model_cfg, cfg.optim.ema_decay > 0))
+        check_checkpoint_space(checkpoint_dir(cfg.checkpoint, out_dir), one_checkpoint, cfg.checkpoint.keep_last)
     if distributed and cfg.fault.health_check:
         check_links(stack.mesh, stack.dims, dev, health_check_bytes(cfg.fault, dev), cfg.fault.health_min_fraction, hosts)
     loader = LatentLoader(cfg.data, cfg.model.patch_size, dp_rank=stack.dp_rank, dp_size=stack.dims.dp, pin_memory=dev.kind != "cpu")
@@ -173,9 +174,9 @@ def build_run(cfg: Config, dev, world_size: int, rank: int) -> tuple[Run, object
     deepspeed = stack.engine.engine if isinstance(stack.engine, DeepSpeedEngine) else None
     state = TrainState(stack.model, stack.optimizer, stack.scheduler, ema, loader, generator, stack.dp_rank, stack.dp_group, world_size, deepspeed=deepspeed)
     metrics = MetricsLogger(out_dir, cfg.train.steps, cfg.logging.tensorboard, enabled=rank == 0)
-    guard = FaultGuard.build(cfg, dev, stack.dp_rank, rank)
+    guard = FaultGuard.build(cfg, dev, stack.dims, stack.dp_rank, rank)
     async_save = cfg.checkpoint.async_save if cfg.checkpoint.async_save is not None else dev.kind != "cpu"
-    ckpt = CheckpointManager(cfg.checkpoint, out_dir, async_save, on_complete=guard.checkpointed)
+    ckpt = CheckpointManager(cfg.checkpoint, out_dir, async_save, on_complete=guard.checkpointed, expected_bytes=one_checkpoint)
     run = Run(cfg, dev, stack.dims, stack.model, stack.engine, stack.optimizer, ema, build_objective(cfg.diffusion, model_cfg.patch_size, cfg.mask),
               loader, state, ckpt, metrics, stack.autocast_dtype, guard, model_cfg)
     if rank == 0 and 0 < cfg.train.sample_every <= cfg.train.steps:
@@ -218,9 +219,8 @@ def _train(cfg: Config, dev, world_size: int, rank: int) -> dict[str, float]:
         "%d micro-batches x up to %d tokens", dims.describe(), world_size, local_bytes(run.model.parameters()) / 2**20,
         dims.dp, cfg.train.grad_accum, cfg.data.tokens_per_batch,
     )
-    resume = run.ckpt.find_resume()
+    resume = run.ckpt.resume(run.state)
     if resume is not None:
-        run.ckpt.load(resume, run.state)
         change, context = layout_change(resume, dims, model_cfg), restart_context()
         if change:
             log.info("%s%s", f"{context}: " if context else "", change)

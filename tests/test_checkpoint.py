@@ -107,7 +107,7 @@ def test_corrupted_newest_checkpoint_is_skipped_by_name(synthetic_dir, tmp_path)
     (checkpoints / "step-8" / ".metadata").write_bytes(b"\x00garbage")  # corrupted
     (checkpoints / "step-12.tmp").mkdir()  # an interrupted save: never a candidate
     output = run(args(synthetic_dir, tmp_path, "--train.steps=10", "--checkpoint.every_steps=4"))
-    assert f"skipping checkpoint {checkpoints / 'step-8'}: DCP metadata is unreadable" in output
+    assert f"checkpoint {checkpoints / 'step-8'} is damaged: .metadata is 8 bytes, written as " in output
     assert f"resumed from {checkpoints / 'step-4'} at step 4" in output
     (checkpoints / "step-4" / "COMPLETE").unlink()  # interrupted save: no marker
     assert is_complete(checkpoints / "step-4") == (False, "no COMPLETE marker (the save was interrupted)")
@@ -119,9 +119,9 @@ def test_truncated_shard_file_is_detected(synthetic_dir, tmp_path):
     data_file = next(newest.glob("*.distcp"))
     data_file.write_bytes(data_file.read_bytes()[:1000])
     ok, why = is_complete(newest)
-    assert not ok and why.startswith(f"{data_file.name} is truncated or missing (1000 of ")
+    assert not ok and why.startswith(f"{data_file.name} is 1000 bytes, written as ")
     output = run(args(synthetic_dir, tmp_path, "--train.steps=5", "--checkpoint.every_steps=2"))
-    assert f"skipping checkpoint {newest}: {data_file.name} is truncated" in output
+    assert f"checkpoint {newest} is damaged: {data_file.name} is 1000 bytes, written as " in output
     assert f"resumed from {tmp_path / 'checkpoints' / 'step-2'} at step 2" in output
 
 
@@ -130,7 +130,7 @@ def test_saves_by_the_minute(tmp_path, monkeypatch):
     from sora_dist.config import CheckpointConfig
 
     clock = [1000.0]
-    monkeypatch.setattr("sora_dist.checkpoint.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("sora_dist.checkpoint.manager.time.monotonic", lambda: clock[0])
     manager = CheckpointManager(CheckpointConfig(every_minutes=5), tmp_path)
     assert manager.enabled and not manager.due(1)
     clock[0] += 299

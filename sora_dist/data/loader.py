@@ -64,6 +64,8 @@ class DataReport:
     """Problems a worker met since its last batch: one message per skipped sample or shard."""
 
     corrupt: list[str] = field(default_factory=list)
+    uids: list[int] = field(default_factory=list)
+    """Dataset positions of the skipped samples, where known (not for unreadable tar data)."""
 
 
 def collate(samples: list[Sample], max_text_len: int) -> Batch:
@@ -139,7 +141,7 @@ class LatentDataset(IterableDataset):
                 sample = decode_sample(raw)
                 self._check(sample, url)
             except CorruptSampleError as err:
-                yield DataReport([str(err)])
+                yield DataReport([str(err)], [uid])
                 continue
             sample.uid = uid
             yield sample
@@ -239,12 +241,17 @@ class LatentLoader:
     """Batches of one data-parallel rank, epoch after epoch, forever, with a resumable position.
 
     The trainer calls ``mark_consumed`` for every batch it trained on. ``state_dict`` (a
-    collective over the data-parallel group) records, per epoch, which dataset positions any
-    rank trained on, plus each rank's epoch and batch count. ``load_state_dict`` resumes:
-    - on the same layout and data settings, by replaying each rank's deterministic stream and
-      dropping the batches it already trained on, so training continues bit for bit;
-    - on any other layout, by skipping every position already trained on, so no sample of the
-      epoch is lost or seen twice.
+    collective over the data-parallel group) records, per epoch, which dataset positions are
+    done (trained on by any rank, or skipped as corrupt), each rank's epoch and batch count, and
+    the positions each epoch's stream was started without (``stream_skip``: set by a resume in
+    the middle of that epoch). ``load_state_dict`` resumes:
+    - on the same layout and data settings, by replaying each rank's deterministic stream (the
+      same ``stream_skip`` included) and dropping the batches it already trained on, so training
+      continues bit for bit;
+    - on any other layout, by skipping every position already done, so no sample of the epoch is
+      lost or seen twice;
+    - either way from the oldest epoch that has samples left: an epoch never ends while its
+      bitmap has samples left.
     """
 
     def __init__(self, cfg: DataConfig, patch_size, dp_rank: int = 0, dp_size: int = 1, pin_memory: bool = False):
@@ -265,11 +272,14 @@ class LatentLoader:
         self.workers = min(cfg.num_workers, len(range(dp_rank, shards, dp_size)))
         self.epoch = 0
         self.skipped = 0
-        self.consumed: dict[int, np.ndarray] = {}  # epoch -> bool per dataset position
+        self.consumed: dict[int, np.ndarray] = {}  # epoch -> bool per dataset position: done
+        self.stream_skip: dict[int, np.ndarray] = {}  # epoch -> positions its stream leaves out
         self.batches_in_epoch = 0
         self._replay = 0  # batches of self.epoch to drop on a same-layout resume
 
-    def _report(self, report: DataReport) -> None:
+    def _report(self, report: DataReport, epoch: int) -> None:
+        # A corrupt sample is done with for the epoch: a resume skips it like a trained one.
+        self._done(epoch)[report.uids] = True
         for message in report.corrupt:
             self.skipped += 1
             if self.cfg.on_corrupt == "stop":
@@ -300,7 +310,7 @@ class LatentLoader:
         # iter() here, on the calling thread, so the workers are forked from it, not from a helper.
         for item in run_ahead(iter(loader), depth=2, stage=stage):
             if isinstance(item, DataReport):
-                self._report(item)
+                self._report(item, epoch)
             else:
                 item.epoch = epoch
                 yield item
@@ -310,7 +320,7 @@ class LatentLoader:
             if epoch != self.epoch:
                 self.epoch, self.batches_in_epoch = epoch, 0
             replay, self._replay = self._replay, 0
-            skip = None if replay else self.consumed.get(epoch)
+            skip = self.stream_skip.get(epoch)
             produced = 0
             for batch in self.epoch_batches(epoch, skip):
                 produced += 1
@@ -325,11 +335,14 @@ class LatentLoader:
                     f"they are empty or every sample was corrupt ({self.skipped} skipped); check them with `sora-dist inspect`"
                 )
 
+    def _done(self, epoch: int) -> np.ndarray:
+        if epoch not in self.consumed:
+            self.consumed[epoch] = np.zeros(self.manifest.num_samples, dtype=bool)
+        return self.consumed[epoch]
+
     def mark_consumed(self, batch: Batch) -> None:
         """Record that the trainer took an optimizer step on ``batch``."""
-        if batch.epoch not in self.consumed:
-            self.consumed[batch.epoch] = np.zeros(self.manifest.num_samples, dtype=bool)
-        self.consumed[batch.epoch][batch.uids] = True
+        self._done(batch.epoch)[batch.uids] = True
         if batch.epoch == self.epoch:
             self.batches_in_epoch += 1
 
@@ -339,7 +352,8 @@ class LatentLoader:
         return {"dp_size": self.dp_size, "patch_size": list(self.patch_size), **{k: getattr(self.cfg, k) for k in keys}}
 
     def state_dict(self, group=None) -> dict:
-        """The global position (a collective over ``group``, the data-parallel ranks)."""
+        """The global position (a collective over ``group``, the data-parallel ranks). Epochs that
+        every rank has left and that are done are forgotten: they cannot matter to a resume."""
         distributed = dist.is_available() and dist.is_initialized()
         per_rank = torch.zeros(2 * self.dp_size, dtype=torch.int64)
         per_rank[2 * self.dp_rank : 2 * self.dp_rank + 2] = torch.tensor([self.epoch, self.batches_in_epoch])
@@ -350,22 +364,32 @@ class LatentLoader:
             dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
             dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
             epochs = torch.tensor([low[0], high[1]])
+        rank_epoch_batches = per_rank.view(-1, 2).tolist()
+        current = min(epoch for epoch, _ in rank_epoch_batches)
         bitmaps = {}
         for epoch in range(int(epochs[0]), int(epochs[1]) + 1):
             mine = torch.from_numpy(self.consumed.get(epoch, np.zeros(self.manifest.num_samples, dtype=bool)).astype(np.uint8))
             if distributed:
                 dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=group)
-            bitmaps[epoch] = mine.numpy().astype(bool)
-        return {"signature": self.signature(), "rank_epoch_batches": per_rank.view(-1, 2).tolist(), "consumed": bitmaps}
+            if epoch >= current or not mine.all():
+                bitmaps[epoch] = mine.numpy().astype(bool)
+            else:
+                self.consumed.pop(epoch, None)
+        # Every rank holds the same stream_skip (a resume sets it from the global bitmap).
+        stream_skip = {e: mask for e, mask in self.stream_skip.items() if e >= current}
+        return {"signature": self.signature(), "rank_epoch_batches": rank_epoch_batches, "consumed": bitmaps, "stream_skip": stream_skip}
 
     def load_state_dict(self, state: dict) -> str:
         """Resume from ``state_dict()``; returns 'replay' or 'skip' (see the class docstring)."""
         self.consumed = {int(e): np.asarray(m, dtype=bool).copy() for e, m in state["consumed"].items()}
-        if state["signature"] == self.signature():
+        unfinished = [e for e, mask in sorted(self.consumed.items()) if not mask.all()]
+        oldest_left = unfinished[0] if unfinished else max(self.consumed, default=-1) + 1
+        rank_epochs = [epoch for epoch, _ in state["rank_epoch_batches"]]
+        if state["signature"] == self.signature() and oldest_left >= min(rank_epochs):
+            self.stream_skip = {int(e): np.asarray(m, dtype=bool).copy() for e, m in state["stream_skip"].items()}
             self.epoch, self.batches_in_epoch = state["rank_epoch_batches"][self.dp_rank]
             self._replay = self.batches_in_epoch
             return "replay"
-        unfinished = [e for e, mask in sorted(self.consumed.items()) if not mask.all()]
-        self.epoch = unfinished[0] if unfinished else max(self.consumed, default=-1) + 1
-        self.batches_in_epoch, self._replay = 0, 0
+        self.stream_skip = {e: mask.copy() for e, mask in self.consumed.items() if e >= oldest_left}
+        self.epoch, self.batches_in_epoch, self._replay = oldest_left, 0, 0
         return "skip"

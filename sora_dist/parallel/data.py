@@ -166,6 +166,16 @@ def deepspeed_config(zero_stage: int, grad_clip: float, grad_accum: int, bf16: b
     }
 
 
+def deepspeed_checkpoint_classes() -> list[type]:
+    """The classes DeepSpeed pickles beside tensors in its checkpoints (ZeRO 1-3 with the loss
+    scaler), admitted when they are read back as weights only."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
 def apply_deepspeed(model: nn.Module, optimizer, scheduler, mesh: ParallelMesh, zero_stage: int, grad_clip: float, grad_accum: int, bf16: bool) -> DeepSpeedEngine:
     require_extra("deepspeed")
     import deepspeed

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from sora_dist.data.ledger import read_ledger
 from sora_dist.errors import ConfigError
+from sora_dist.resilience.audit import kept_samples, last_step
 from sora_dist.resilience.goodput import format_summary, read_attempts, summarize
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,33 +85,12 @@ def start_node(name: str, out: Path, port: int, nproc: int, args: list[str], kee
     return subprocess.Popen(["bash", str(LAUNCHER), *args], env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def last_step(run: Path) -> int:
-    ledger = read_ledger(run).get(0, {})
-    return max((r["step"] for records in ledger.values() for r in records), default=0)
-
-
 def wait_for(condition, timeout_s: float, what: str, procs: list[subprocess.Popen]) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
             raise RuntimeError(f"fault drill: {what} did not happen within {timeout_s:.0f} s (logs beside the run)")
         time.sleep(0.2)
-
-
-def kept_samples(run: Path, attempts: list[dict]) -> tuple[list[tuple[int, int]], dict[int, int]]:
-    """(epoch, uid) of every sample in a kept step, and per data-parallel rank the number of its
-    step records that a restart redid."""
-    ledger = read_ledger(run)
-    kept, redone = [], {}
-    for i, attempt in enumerate(attempts):
-        limit = attempts[i + 1]["resumed_from_step"] if i + 1 < len(attempts) else float("inf")
-        for dp_rank, records in ledger.get(attempt["attempt"], {}).items():
-            for r in records:
-                if r["step"] <= limit:
-                    kept += [tuple(sample) for sample in r["samples"]]
-                else:
-                    redone[dp_rank] = redone.get(dp_rank, 0) + 1
-    return kept, redone
 
 
 def run_drill(out: Path, steps: int = 40, kill_at_step: int = 14, every_steps: int = 5, nproc: int = 1, keep_alive_s: int = 5,
@@ -136,7 +116,7 @@ def run_drill(out: Path, steps: int = 40, kill_at_step: int = 14, every_steps: i
         raise RuntimeError(f"fault drill: the surviving node exited with {code}; see {out / 'node-a.log'}")
     attempts = read_attempts(out / "run" / "goodput")
     summary = summarize(attempts)
-    kept, redone = kept_samples(out / "run", attempts)
+    kept, redone = kept_samples(out / "run")
     killed_after = max(r["step"] for records in read_ledger(out / "run")[0].values() for r in records)
     resumed = [a["resumed_from_step"] for a in attempts[1:]]
     return {

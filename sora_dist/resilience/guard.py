@@ -1,6 +1,6 @@
 """The fault-tolerance pieces a training run carries, behind the few calls the loop makes.
 
-  guard = FaultGuard.build(cfg, dev, stack, rank)   # watchdog, straggler monitor, goodput, ledger
+  guard = FaultGuard.build(cfg, dev, dims, dp_rank, rank)   # watchdog, straggler monitor, goodput, ledger
   guard.begin_step(step) ... guard.waited(s) ... guard.end_step(step, batches)
   guard.window(values, steps)                        # per log window: stragglers, goodput
   with guard.saving(): ckpt.save(...)                # checkpoint time
@@ -40,10 +40,13 @@ class FaultGuard:
         self._window_step_s = 0.0
 
     @staticmethod
-    def build(cfg, dev, dp_rank: int, rank: int) -> "FaultGuard":
+    def build(cfg, dev, dims, dp_rank: int, rank: int) -> "FaultGuard":
         f, out_dir = cfg.fault, Path(cfg.train.out_dir)
         goodput = GoodputLedger(out_dir, enabled=rank == 0)
-        ledger = SampleLedger(out_dir, shared_attempt(goodput), dp_rank, enabled=cfg.logging.sample_ledger)
+        # The ranks of one SP x TP group train the same samples: the first of them keeps the record
+        # (the mesh lays ranks out with SP and TP innermost).
+        first_of_group = rank % (dims.sp * dims.tp) == 0
+        ledger = SampleLedger(out_dir, shared_attempt(goodput), dp_rank, enabled=cfg.logging.sample_ledger and first_of_group)
         watchdog = StepWatchdog(out_dir, rank, f.step_timeout_s, f.step_timeout_factor, f.step_timeout_min_s).start()
         return FaultGuard(watchdog, StragglerMonitor.build(dev, f.straggler_threshold, f.probe_ms), goodput, ledger)
 

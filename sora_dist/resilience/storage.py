@@ -17,9 +17,10 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from sora_dist.checkpoint.manager import checkpoint_size, finished_checkpoints, is_complete
 from sora_dist.errors import ConfigError
 
-# A save writes the new checkpoint before the oldest one is pruned: leave this much room beyond it.
+# Room beyond the checkpoints' own bytes (an estimate before the first one is written).
 FREE_SPACE_MARGIN = 1.1
 
 
@@ -35,13 +36,13 @@ def write_problem(folder: Path, key: str) -> Optional[str]:
     return None
 
 
-def space_problem(folder: Path, key: str, needed_bytes: int) -> Optional[str]:
-    """Why ``folder`` has too little free space for ``needed_bytes`` more, or None."""
+def space_problem(folder: Path, key: str, needed_bytes: int, what: str) -> Optional[str]:
+    """Why ``folder`` has too little free space for ``needed_bytes`` more (``what`` says for what), or None."""
     free = shutil.disk_usage(folder).free
     if free >= needed_bytes * FREE_SPACE_MARGIN:
         return None
-    return (f"{key}={folder} has {free / 2**30:.2f} GiB free on host {socket.gethostname()}, but one checkpoint "
-            f"of this run takes {needed_bytes / 2**30:.2f} GiB (+{FREE_SPACE_MARGIN - 1:.0%} margin)")
+    return (f"{key}={folder} has {free / 2**30:.2f} GiB free on host {socket.gethostname()}, but {what} takes "
+            f"{needed_bytes / 2**30:.2f} GiB (+{FREE_SPACE_MARGIN - 1:.0%} margin)")
 
 
 def agree_or_raise(problems: list[str], fix: str) -> None:
@@ -65,8 +66,18 @@ def check_run_folders(out_dir: Path, checkpoint_dir: Path, checkpointing: bool) 
                              "e.g. --train.out_dir=/shared/runs/NAME")
 
 
-def check_checkpoint_space(checkpoint_dir: Path, needed_bytes: int) -> None:
-    """Rank 0's view of the shared checkpoint folder: room for one more checkpoint."""
+def check_checkpoint_space(checkpoint_dir: Path, estimated_bytes: int, keep_last: int) -> None:
+    """Rank 0's view of the shared checkpoint folder: room for what the run will keep there. A save
+    writes the new checkpoint before the oldest is pruned, so with keep_last K the folder holds
+    K + 1 checkpoints at its fullest. One checkpoint's size is the newest one's there, else
+    ``estimated_bytes``."""
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    problem = space_problem(checkpoint_dir, "checkpoint.dir", needed_bytes) if rank == 0 else None
+    problem = None
+    if rank == 0:
+        existing = [p for p in finished_checkpoints(checkpoint_dir) if is_complete(p)[0]]
+        size = checkpoint_size(existing[-1]) if existing else estimated_bytes
+        more = max(1, keep_last + 1 - len(existing)) if keep_last > 0 else 1
+        what = (f"with checkpoint.keep_last={keep_last} the run keeps {keep_last} checkpoints and writes one more before pruning "
+                f"({len(existing)} there now), so {more} more of {size / 2**30:.2f} GiB each" if keep_last > 0 else "one more checkpoint")
+        problem = space_problem(checkpoint_dir, "checkpoint.dir", more * size, what)
     agree_or_raise([problem] if problem else [], "Free space there, lower checkpoint.keep_last, or point checkpoint.dir at a larger volume")

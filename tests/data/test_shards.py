@@ -276,6 +276,17 @@ def test_corrupt_sample_is_skipped_counted_and_named(tmp_path, kind, caplog):
     assert "shard-000001.tar sample bad00001" in caplog.text
 
 
+def test_a_corrupt_sample_is_done_with_in_the_data_position(tmp_path):
+    """A resume never goes back to an epoch for a sample that was skipped as corrupt."""
+    root = write_dataset(tmp_path / "ds", make_samples(10))
+    add_members(root / "shard-000001.tar", CORRUPTIONS["garbage-npy"]("bad00001"))
+    bump_manifest(root, "shard-000001.tar", 1)
+    ld = loader(root)
+    for batch in ld.epoch_batches(0):
+        ld.mark_consumed(batch)
+    assert ld.skipped == 1 and ld.state_dict()["consumed"][0].all()
+
+
 def test_stop_mode_raises_with_the_path(tmp_path):
     root = write_dataset(tmp_path / "ds", make_samples(10))
     add_members(root / "shard-000000.tar", CORRUPTIONS["garbage-npy"]("bad00001"))

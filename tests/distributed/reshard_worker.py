@@ -65,7 +65,7 @@ def main():
             run_loop(run, stop)
         result["trained"] = gather_positions(run, trained)
     else:
-        run.ckpt.load(run.ckpt.find_resume(), run.state)
+        run.ckpt.resume(run.state)
         epoch, rest = run.loader.epoch, []
         for batch in run.loader:
             if batch.epoch != epoch:

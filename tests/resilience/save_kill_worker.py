@@ -18,7 +18,7 @@ from pathlib import Path
 import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.filesystem as dcp_filesystem
 
-import sora_dist.checkpoint as checkpoint
+import sora_dist.checkpoint.manager as checkpoint
 from sora_dist.cli import main
 
 KILL_STEP = 6
@@ -38,7 +38,7 @@ def arm(moment: str) -> None:
             original = getattr(dcp, name)
 
             def save(*args, _original=original, **kwargs):
-                if saving_kill_step(kwargs.get("checkpoint_id")):
+                if saving_kill_step(kwargs["storage_writer"].path):
                     die()
                 return _original(*args, **kwargs)
 
@@ -59,10 +59,10 @@ def arm(moment: str) -> None:
     elif moment == "before-complete":
         original = checkpoint.CheckpointManager._finalize
 
-        def finalize(self, step):
+        def finalize(self, step, writer):
             if step == KILL_STEP:
                 die()
-            return original(self, step)
+            return original(self, step, writer)
 
         checkpoint.CheckpointManager._finalize = finalize
     elif moment in ("before-rename", "after-rename"):

@@ -80,5 +80,6 @@ def test_a_disk_too_small_for_a_checkpoint_is_named_before_training(synthetic_di
 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: usage._replace(free=1000))  # a full disk
-    with pytest.raises(ConfigError, match=r"checkpoint.dir=.* has 0.00 GiB free on host .* one checkpoint of this run takes"):
+    with pytest.raises(ConfigError, match=r"checkpoint.dir=.* has 0.00 GiB free on host .* with checkpoint.keep_last=1 the run keeps 1 "
+                                          r"checkpoints and writes one more before pruning \(0 there now\), so 2 more of"):
         train(config(synthetic_dir, tmp_path))
