@@ -14,6 +14,10 @@ set -euo pipefail
 NPROC=${NPROC:-8}
 MASTER_PORT=${MASTER_PORT:-29500}
 JOB_ID=${JOB_ID:-sora-dist}
+# torchrun hands its rendezvous store to the workers by default, the same store for every restart:
+# a restarted worker can read a peer's address from the attempt before and fail to connect ("Gloo
+# connectFullMesh failed ... Connection refused"; NCCL too). This gives each attempt a fresh store.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 # After a failure, wait LAST_CALL_TIMEOUT s for more nodes once the minimum has joined. A node
 # whose agent stops answering is dropped after KEEP_ALIVE_INTERVAL x KEEP_ALIVE_MAX_ATTEMPT s
 # (torch's defaults, 5 x 3): lower them to recover sooner from a dead node (see README, Fault tolerance).

@@ -71,15 +71,15 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> None:
 
     from safetensors.torch import save_file
 
-    from sora_dist.checkpoint import is_complete, load_weights_for_export
+    from sora_dist.checkpoint import load_weights_for_export, verify
     from sora_dist.config import load_config, resolve_model_config
     from sora_dist.errors import ConfigError
     from sora_dist.models import VideoDiT
 
     path = Path(args.checkpoint)
-    ok, why = is_complete(path)
-    if not ok:
-        raise ConfigError(f"{path} is not a complete checkpoint: {why}")
+    problems = verify(path)
+    if problems:
+        raise ConfigError(f"{path} is not a complete, undamaged checkpoint: {'; '.join(problems)}")
     if (path / "deepspeed").is_dir():
         raise ConfigError(f"{path} is a DeepSpeed checkpoint: consolidate it with DeepSpeed's zero_to_fp32.py, or train with engine=fsdp")
     cfg = load_config(path / "config.yaml")
@@ -160,7 +160,7 @@ MODULE_COMMANDS = {
     "plan": "sora_dist.perf.plan",
     "bench-scaling": "sora_dist.perf.scaling",
     "scaling-report": "sora_dist.perf.scaling:report_main",
-    "fault-drill": "sora_dist.resilience.drill",
+    "fault-drill": "sora_dist.resilience.chaos",
 }
 
 
@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("plan", help="rank every layout on N accelerators: step time, exposed comm, memory, MFU; scaling tables (see --help)")
     sub.add_parser("bench-scaling", help="bench-train over many layouts and world sizes, against the model's predictions")
     sub.add_parser("scaling-report", help="predicted vs measured from bench-train JSON of separate jobs")
-    sub.add_parser("fault-drill", help="kill one of two elastic 'nodes' on localhost; report recovery time, steps lost, goodput")
+    sub.add_parser("fault-drill", help="chaos suite: inject faults (killed node, frozen rank, full disk, damaged checkpoints, NaN, ...) into real jobs; report what each cost")
 
     p = sub.add_parser("checkpoint", help="check checkpoints offline: every file against the checksums written with it")
     actions = p.add_subparsers(dest="action", required=True)

@@ -11,6 +11,14 @@ from sora_dist.errors import SoraDistError
 log = logging.getLogger("sora_dist")
 
 
+def human_bytes(nbytes: float) -> str:
+    """A byte count as people read it: 512 KiB, 4.56 MiB, 1.5 GiB."""
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{int(nbytes)} B"
+
+
 def setup_logging() -> None:
     """INFO on rank 0, warnings only on the other ranks."""
     rank = int(os.environ.get("RANK", "0"))

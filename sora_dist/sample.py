@@ -103,7 +103,7 @@ def load_for_sampling(path: Path, raw: bool, dev) -> tuple[Config, VideoDiT, str
     from safetensors.torch import load_file
 
     from sora_dist.build import build_single_device_model
-    from sora_dist.checkpoint import is_complete, load_weights_for_export, newest_complete
+    from sora_dist.checkpoint import load_weights_for_export, newest_complete, verify
 
     path = Path(path)
     weights = path / ("model.safetensors" if raw else "ema.safetensors")
@@ -117,9 +117,9 @@ def load_for_sampling(path: Path, raw: bool, dev) -> tuple[Config, VideoDiT, str
         log.info("%s has no final weights: sampling its newest complete checkpoint, %s", path, newest.name)
         path = newest
     if (path / COMPLETE).is_file():
-        ok, why = is_complete(path)
-        if not ok:
-            raise ConfigError(f"{path} is not a complete checkpoint: {why}")
+        problems = verify(path)
+        if problems:
+            raise ConfigError(f"{path} is not a complete, undamaged checkpoint: {'; '.join(problems)}")
         cfg = load_config(path / "config.yaml")
         model = build_single_device_model(cfg, cfg.model.in_channels, cfg.model.text_dim, torch.device("cpu"))
         used = load_weights_for_export(path, model, ema=not raw)

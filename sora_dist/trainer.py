@@ -37,7 +37,7 @@ from sora_dist.kernels.fused import get_fused_backend
 from sora_dist.metrics import MetricsLogger, summarize
 from sora_dist.models import DiTConfig, VideoDiT, count_parameters, train_flops
 from sora_dist.parallel import DeepSpeedEngine, ParallelDims, local_bytes
-from sora_dist.resilience.elastic import explain_layout_error, layout_change, restart_context
+from sora_dist.resilience.elastic import explain_layout_error, layout_change, restart_context, shared_store_warning
 from sora_dist.resilience.guard import FaultGuard
 from sora_dist.resilience.health import check_links, check_ranks_answer
 from sora_dist.resilience.storage import check_checkpoint_space, check_run_folders
@@ -147,6 +147,8 @@ def build_run(cfg: Config, dev, world_size: int, rank: int) -> tuple[Run, object
     would not fit on disk and unhealthy ranks or links all stop the run here, before the first step."""
     distributed = world_size > 1
     out_dir = Path(cfg.train.out_dir)
+    if rank == 0 and (warning := shared_store_warning()):
+        log.warning(warning)
     hosts = check_ranks_answer(cfg.fault.health_timeout_s) if distributed and cfg.fault.health_check else []
     check_run_folders(out_dir, checkpoint_dir(cfg.checkpoint, out_dir), saves_enabled(cfg.checkpoint))
     _prepare_data(cfg, rank, distributed)
@@ -176,7 +178,8 @@ def build_run(cfg: Config, dev, world_size: int, rank: int) -> tuple[Run, object
     metrics = MetricsLogger(out_dir, cfg.train.steps, cfg.logging.tensorboard, enabled=rank == 0)
     guard = FaultGuard.build(cfg, dev, stack.dims, stack.dp_rank, rank)
     async_save = cfg.checkpoint.async_save if cfg.checkpoint.async_save is not None else dev.kind != "cpu"
-    ckpt = CheckpointManager(cfg.checkpoint, out_dir, async_save, on_complete=guard.checkpointed, expected_bytes=one_checkpoint)
+    ckpt = CheckpointManager(cfg.checkpoint, out_dir, async_save, on_complete=guard.checkpointed, expected_bytes=one_checkpoint,
+                             watch=guard.watching_save)
     run = Run(cfg, dev, stack.dims, stack.model, stack.engine, stack.optimizer, ema, build_objective(cfg.diffusion, model_cfg.patch_size, cfg.mask),
               loader, state, ckpt, metrics, stack.autocast_dtype, guard, model_cfg)
     if rank == 0 and 0 < cfg.train.sample_every <= cfg.train.steps:
@@ -355,6 +358,7 @@ def run_loop(run: Run, stop: "_StopFlag") -> int:
                 return step
             if run.ckpt.due(step):
                 run.ckpt.save(step, state, cfg)
+        run.guard.end_iteration()
         if cfg.train.sample_every and step % cfg.train.sample_every == 0:
             with run.guard.accounted("sampling"):
                 _write_training_samples(run, step)

@@ -20,6 +20,7 @@ DeepSpeed keeps its own format (``engine.save_checkpoint``) inside the same fold
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -41,6 +42,7 @@ from sora_dist.checkpoint.files import (
 )
 from sora_dist.checkpoint.state import TrainState, decode_data_state, distributed, encode_data_state, rank, single_process_ok
 from sora_dist.config import CheckpointConfig, Config, save_config
+from sora_dist.console import human_bytes
 from sora_dist.errors import CheckpointError, ConfigError
 from sora_dist.parallel.data import deepspeed_checkpoint_classes
 
@@ -111,11 +113,12 @@ def one_line(err: BaseException) -> str:
 class CheckpointManager:
     """``async_save``: the resolved checkpoint.async_save (null there means: on GPU/NPU).
     ``on_complete(step)`` is called on every rank once step-N is complete on disk.
-    ``expected_bytes``: the size of one checkpoint before the first is written (then the newest's)."""
+    ``expected_bytes``: the size of one checkpoint before the first is written (then the newest's).
+    ``watch()``: a context around each save's work (the step watchdog's save limit)."""
 
     def __init__(self, cfg: CheckpointConfig, out_dir: Path, async_save: bool = False, on_complete: Callable[[int], None] = lambda step: None,
-                 expected_bytes: int = 0):
-        self.cfg, self.async_save, self.on_complete = cfg, async_save, on_complete
+                 expected_bytes: int = 0, watch: Callable[[], Any] = contextlib.nullcontext):
+        self.cfg, self.async_save, self.on_complete, self.watch = cfg, async_save, on_complete, watch
         self.dir = checkpoint_dir(cfg, out_dir)
         self.expected_bytes = expected_bytes
         self.last_save_time = time.monotonic()
@@ -132,12 +135,15 @@ class CheckpointManager:
     def enabled(self) -> bool:
         return saves_enabled(self.cfg)
 
+    # The agreements below run on the training thread, on the default group like the training
+    # loop's own collectives: the checkpoint group may be busy with an async save's DCP collectives.
+
     def _all(self, ok: bool) -> bool:
         """True on every rank if ``ok`` is True on every rank (a collective)."""
         if not distributed():
             return ok
         flag = torch.tensor(int(ok))
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._group)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag)
 
     def _gathered(self, mine: list) -> list:
@@ -145,7 +151,7 @@ class CheckpointManager:
         if not distributed():
             return list(mine)
         lists: list = [None] * dist.get_world_size()
-        dist.all_gather_object(lists, mine, group=self._group)
+        dist.all_gather_object(lists, mine)
         return [item for part in lists for item in part]
 
     # -- when --------------------------------------------------------------------------------
@@ -168,6 +174,10 @@ class CheckpointManager:
         """Write step-N (asynchronously if configured and not ``blocking``); None if the save
         failed (see ``_failed``)."""
         self.wait()  # one save in flight at a time
+        with self.watch():
+            return self._save(step, state, cfg, blocking)
+
+    def _save(self, step: int, state: TrainState, cfg: Config, blocking: bool) -> Optional[Path]:
         self.last_save_time, self.last_saved_step = time.monotonic(), step
         tmp = self.dir / f"step-{step}.tmp"
         start = time.perf_counter()
@@ -214,7 +224,8 @@ class CheckpointManager:
         return self.dir / f"step-{step}"
 
     def _agreed(self, part: Callable[[], Any]) -> Optional[str]:
-        """Run this rank's ``part`` of a save; None if it succeeded on every rank, else why it failed."""
+        """Run this rank's ``part`` of a save; None if it succeeded on every rank, else why it
+        failed: this rank's own error, or '' where only other ranks failed."""
         try:
             part()
             error = None
@@ -222,7 +233,7 @@ class CheckpointManager:
             error = one_line(err)
         if self._all(error is None):
             return None
-        return error or "another rank failed (its log says why)"
+        return error or ""
 
     def poll(self) -> None:
         """Finalize a background save once every rank's write has finished (cheap when none)."""
@@ -240,11 +251,12 @@ class CheckpointManager:
             return
         future, step, writer = self._pending
         self._pending = None
-        error = self._agreed(future.result)
-        if error is not None:
-            self._failed(step, error)
-        elif self._finalize(step, writer):
-            log.info("checkpoint step %d written in the background", step)
+        with self.watch():
+            error = self._agreed(future.result)
+            if error is not None:
+                self._failed(step, error)
+            elif self._finalize(step, writer):
+                log.info("checkpoint step %d written in the background", step)
 
     def _finalize(self, step: int, writer: Optional[HashingWriter]) -> bool:
         """Every rank's digests into the manifest, then step-N.tmp becomes step-N (False if that failed)."""
@@ -285,13 +297,13 @@ class CheckpointManager:
         """Rank 0's list on every rank."""
         if distributed():
             holder = [names]
-            dist.broadcast_object_list(holder, src=0, group=self._group)
+            dist.broadcast_object_list(holder, src=0)
             names = holder[0]
         return names
 
     def _failed(self, step: int, why: str) -> None:
-        """A save that failed: its partial folder removed, one line logged, the run goes on until
-        checkpoint.max_failed_saves saves in a row have failed."""
+        """A save that failed: its partial folder removed, one line logged (by the ranks that failed
+        and by rank 0), the run goes on until checkpoint.max_failed_saves saves in a row have failed."""
         if rank() == 0:
             shutil.rmtree(self.dir / f"step-{step}.tmp", ignore_errors=True)
         self.failed_in_row += 1
@@ -299,16 +311,18 @@ class CheckpointManager:
         newest = next((p for p in reversed(finished_checkpoints(self.dir)) if is_complete(p)[0]), None)
         where = f"the newest complete checkpoint is {newest}" if newest else f"there is no complete checkpoint in {self.dir}"
         free = shutil.disk_usage(self.dir).free if self.dir.exists() else 0
+        why = why or "another rank failed (its log says why)"
         if limit and self.failed_in_row >= limit:
             raise CheckpointError(
                 f"{self.failed_in_row} checkpoint saves in a row failed (checkpoint.max_failed_saves={limit}), the last at step {step} in "
                 f"{self.dir} on host {socket.gethostname()}: {why}; stopping. {where}: free space there (or set checkpoint.dir) and "
                 "relaunch, which resumes from it")
-        log.error(
-            "checkpoint step %d failed in %s on host %s: %s (needs about %.2f GiB, %.2f GiB free); training goes on and the next "
-            "save is tried at the next interval (%d failed in a row of checkpoint.max_failed_saves=%s; %s)",
-            step, self.dir, socket.gethostname(), why, self.expected_bytes / 2**30, free / 2**30, self.failed_in_row,
-            limit or "unlimited", where)
+        if rank() == 0 or not why.startswith("another rank"):
+            log.error(
+                "checkpoint step %d failed in %s on host %s: %s (a checkpoint takes about %s, %s free); training goes on and the next "
+                "save is tried at the next interval (%d failed in a row of checkpoint.max_failed_saves=%s; %s)",
+                step, self.dir, socket.gethostname(), why, human_bytes(self.expected_bytes), human_bytes(free), self.failed_in_row,
+                limit or "unlimited", where)
         return None
 
     def _remove_interrupted_saves(self) -> None:
@@ -335,7 +349,7 @@ class CheckpointManager:
         candidates = [Path(choice)] if choice != "auto" else list(reversed(finished_checkpoints(self.dir)))
         problems = []
         for path in candidates:
-            problem = self._load_verified(path, state)
+            problem = self.load(path, state)
             if problem is None:
                 return path
             problems.append(f"{path.name}: {problem}")
@@ -347,8 +361,9 @@ class CheckpointManager:
                                   "checkpoint.resume=none or another checkpoint.dir")
         return None
 
-    def _load_verified(self, path: Path, state: TrainState) -> Optional[str]:
-        """Verify ``path``'s bytes (every rank a share), then load it; why it failed, or None."""
+    def load(self, path: Path, state: TrainState) -> Optional[str]:
+        """Verify ``path``'s bytes (every rank hashes a share), then load it into ``state``; why it
+        could not be loaded, or None (a collective: every rank gets the same answer)."""
         start = time.perf_counter()
         problems = self._gathered(verify_share(path, rank(), self._world()))
         if problems:

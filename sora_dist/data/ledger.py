@@ -1,15 +1,17 @@
 """Sample ledger: which samples each optimizer step trained on, per data-parallel rank.
 
 With ``logging.sample_ledger: true`` every data-parallel rank appends one JSON line per step to
-``<out_dir>/ledger/attempt-A.dp-R.jsonl``: the step, the (epoch, dataset position) of each of its
-samples and their keys. It answers "which samples were in the step where the loss spiked" and,
-across restarts, shows that the data position resumed exactly: the steps a run kept (those up to
-the checkpoint each restart resumed from) hold every sample of an epoch at most once.
+``<out_dir>/ledger/attempt-A.dp-R.jsonl``: the step, when it ended (Unix time), the (epoch,
+dataset position) of each of its samples and their keys. It answers "which samples were in the
+step where the loss spiked" and, across restarts, shows that the data position resumed exactly:
+the steps a run kept (those up to the checkpoint each restart resumed from) hold every sample of
+an epoch once (resilience/audit.py reads it so).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from sora_dist.data.loader import Batch
@@ -26,7 +28,8 @@ class SampleLedger:
     def record(self, step: int, batches: list[Batch]) -> None:
         if self._file is None:
             return
-        line = {"step": step, "samples": [[b.epoch, uid] for b in batches for uid in b.uids], "keys": [k for b in batches for k in b.keys]}
+        line = {"step": step, "time": round(time.time(), 3), "samples": [[b.epoch, uid] for b in batches for uid in b.uids],
+                "keys": [k for b in batches for k in b.keys]}
         self._file.write(json.dumps(line) + "\n")
         self._file.flush()
 

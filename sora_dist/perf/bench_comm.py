@@ -64,6 +64,7 @@ import torch.distributed._functional_collectives as functional
 from sora_dist import device as device_lib
 from sora_dist.build import start_distributed, stop_distributed
 from sora_dist.config import load_config, resolve_model_config
+from sora_dist.console import human_bytes
 from sora_dist.models.dit import Mlp
 from sora_dist.parallel.mesh import MESH_DIMS, build_mesh, resolve_dims
 from sora_dist.perf.output import report_on_rank_zero
@@ -312,19 +313,12 @@ def format_table(result: dict) -> str:
         lines.append(f"{'size':>10} " + " ".join(f"{op + ' us':>16} {'busbw':>7}" for op in ops))
         for nbytes in dict.fromkeys(r["bytes"] for r in rows):
             cells = {r["op"]: r for r in rows if r["bytes"] == nbytes}
-            lines.append(f"{_human(nbytes):>10} " + " ".join(f"{cells[op]['time_us']:>16.1f} {cells[op]['busbw_gbps']:>7.2f}" for op in ops))
+            lines.append(f"{human_bytes(nbytes):>10} " + " ".join(f"{cells[op]['time_us']:>16.1f} {cells[op]['busbw_gbps']:>7.2f}" for op in ops))
     if result.get("skew"):
         lines.append("\nrank skew over the world: per burst of compute, the delay a blocking collective adds to the step (the mean wait in it)")
         lines += [f"  after {r['burst_ms']:g} ms: {r['delay_us'] / 1e3:.2f} ms ({r['delay_us'] / 1e3 / r['burst_ms']:.1%}); "
                   f"wait {r['wait_us'] / 1e3:.2f} ms ({r['wait_us'] / 1e3 / r['burst_ms']:.1%})" for r in result["skew"]]
     return "\n".join(lines)
-
-
-def _human(nbytes: int) -> str:
-    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:g} {unit}"
-    return f"{nbytes} B"
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:

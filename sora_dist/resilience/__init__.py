@@ -7,5 +7,8 @@
   goodput     wall time accounted into steps, data waits, saves, start-up, lost work and recovery
   elastic     what a restart at another world size changed, and a clear stop when it cannot
   guard       the calls the training loop makes into all of the above
-  drill       a two-"node" elastic failure on localhost, measured (``sora-dist fault-drill``)
+  audit       what a run's kept steps trained, from its sample ledger and goodput records
+  jobs        launches with timestamped output lines, process trees, worker pids (for the drills)
+  inject      faults installed inside a worker: a small disk at the file-writing seam, a NaN step
+  chaos       the chaos suite: a table of faults injected into real jobs (``sora-dist fault-drill``)
 """

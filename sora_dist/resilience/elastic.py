@@ -31,6 +31,19 @@ def restart_context() -> str:
     return f"SLURM requeue {slurm}" if slurm else ""
 
 
+def shared_store_warning() -> Optional[str]:
+    """What to set when torchrun shares one rendezvous store with the workers of every attempt
+    (its default): a restarted worker may read a peer's address from the attempt before and fail
+    at process-group set-up (seen here in 4 of 5 restarts on torch 2.13). None when restarts are
+    off or the store is not shared."""
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if not shared or int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) == 0:
+        return None
+    return ("torchrun shares its rendezvous store with every restart's workers, which can make a restart fail at process-group "
+            "set-up (Gloo connectFullMesh ... Connection refused; NCCL alike): set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for "
+            "torchrun, as launch/*.sh do")
+
+
 def explain_layout_error(err: ConfigError, world_size: int, cfg: ParallelConfig) -> ConfigError:
     """After a restart, a layout error is about the new world size: say so, and how to avoid it."""
     context = restart_context()

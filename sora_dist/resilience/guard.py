@@ -2,8 +2,9 @@
 
   guard = FaultGuard.build(cfg, dev, dims, dp_rank, rank)   # watchdog, straggler monitor, goodput, ledger
   guard.begin_step(step) ... guard.waited(s) ... guard.end_step(step, batches)
+  with guard.saving(): ckpt.save(...)                # checkpoint time; the manager calls watching_save
+  guard.end_iteration()
   guard.window(values, steps)                        # per log window: stragglers, goodput
-  with guard.saving(): ckpt.save(...)                # checkpoint time
 """
 
 from __future__ import annotations
@@ -65,19 +66,28 @@ class FaultGuard:
         self._waited += seconds
 
     def end_step(self, step: int, batches) -> None:
+        """The optimizer step is done (its checkpoint phase follows, until ``end_iteration``)."""
         elapsed = time.perf_counter() - self._step_started
-        self.watchdog.end()
+        self.watchdog.step_done()
         self.goodput.add("step", elapsed - self._waited)
         self.goodput.add("data_wait", self._waited)
         self.goodput.stepped(step)
         self._window_step_s += elapsed
         self.ledger.record(step, batches)
 
+    def end_iteration(self) -> None:
+        """The step and its checkpoint phase are over: nothing is watched until the next step."""
+        self.watchdog.end()
+
     @contextlib.contextmanager
     def saving(self):
         """Around the loop's checkpoint calls: their time is checkpoint time."""
         with self.accounted("checkpoint"):
             yield
+
+    def watching_save(self):
+        """Around a save's own work (the checkpoint manager calls it): the watchdog's save limit applies."""
+        return self.watchdog.saving()
 
     @contextlib.contextmanager
     def accounted(self, category: str):

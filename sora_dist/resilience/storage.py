@@ -18,6 +18,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from sora_dist.checkpoint.manager import checkpoint_size, finished_checkpoints, is_complete
+from sora_dist.console import human_bytes
 from sora_dist.errors import ConfigError
 
 # Room beyond the checkpoints' own bytes (an estimate before the first one is written).
@@ -41,8 +42,8 @@ def space_problem(folder: Path, key: str, needed_bytes: int, what: str) -> Optio
     free = shutil.disk_usage(folder).free
     if free >= needed_bytes * FREE_SPACE_MARGIN:
         return None
-    return (f"{key}={folder} has {free / 2**30:.2f} GiB free on host {socket.gethostname()}, but {what} takes "
-            f"{needed_bytes / 2**30:.2f} GiB (+{FREE_SPACE_MARGIN - 1:.0%} margin)")
+    return (f"{key}={folder} has {human_bytes(free)} free on host {socket.gethostname()}, but {what} takes "
+            f"{human_bytes(needed_bytes)} (+{FREE_SPACE_MARGIN - 1:.0%} margin)")
 
 
 def agree_or_raise(problems: list[str], fix: str) -> None:
@@ -78,6 +79,6 @@ def check_checkpoint_space(checkpoint_dir: Path, estimated_bytes: int, keep_last
         size = checkpoint_size(existing[-1]) if existing else estimated_bytes
         more = max(1, keep_last + 1 - len(existing)) if keep_last > 0 else 1
         what = (f"with checkpoint.keep_last={keep_last} the run keeps {keep_last} checkpoints and writes one more before pruning "
-                f"({len(existing)} there now), so {more} more of {size / 2**30:.2f} GiB each" if keep_last > 0 else "one more checkpoint")
+                f"({len(existing)} there now), so {more} more of {human_bytes(size)} each" if keep_last > 0 else "one more checkpoint")
         problem = space_problem(checkpoint_dir, "checkpoint.dir", more * size, what)
     agree_or_raise([problem] if problem else [], "Free space there, lower checkpoint.keep_last, or point checkpoint.dir at a larger volume")

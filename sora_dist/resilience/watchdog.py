@@ -2,9 +2,11 @@
 
 A rank stuck in a collective (a peer died or stalled), in a deadlocked data loader or in a driver
 call makes every rank of the job wait, by default until the process group's timeout, with
-nothing in the log. A background thread on every rank watches the step that is running: when it
-has taken longer than the limit (``fault.step_timeout_s``, or ``fault.step_timeout_factor`` times
-the median of the recent steps, never below ``fault.step_timeout_min_s``), the rank
+nothing in the log. A background thread on every rank watches the step that is running, and the
+checkpoint phase and saves after it: when the step has taken longer than the limit
+(``fault.step_timeout_s``, or ``fault.step_timeout_factor`` times the median of the recent steps,
+never below ``fault.step_timeout_min_s``), or a save longer than the same factor times the median
+of the recent saves (never below the same minimum), the rank
 
 - writes the Python stacks of all its threads, the phase of the step it was in and (where the
   process group keeps one: TORCH_FR_BUFFER_SIZE, set by ``start_distributed``) the flight
@@ -19,6 +21,7 @@ an earlier collective than the others'.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import logging
 import os
@@ -53,16 +56,24 @@ def flight_recorder_json() -> Optional[bytes]:
 
 
 class StepWatchdog:
-    """``begin(step)`` / ``phase(name)`` / ``end()`` around each step; a daemon thread checks the
-    running step's age every ``poll_s`` seconds."""
+    """``begin(step)`` ... ``step_done()`` ... ``end()`` around each iteration of the loop (the step,
+    then its checkpoint phase), ``saving()`` around the work of a save; a daemon thread checks
+    their age every ``poll_s`` seconds.
+
+    A step's limit is ``limit_s``; the checkpoint phase after it (the stop-signal agreement, the
+    check for a due save) counts with the step. A save has its own limit, ``save_limit_s``:
+    ``factor`` times the median of the recent saves, never below ``min_s``. The first save of a
+    run has no limit here (the collective timeout bounds it): nothing yet says how long it takes."""
 
     def __init__(self, out_dir: Path, rank: int, timeout_s: float, factor: float, min_s: float, poll_s: float = 1.0):
         self.dir, self.rank = Path(out_dir) / "hangs", rank
         self.timeout_s, self.factor, self.min_s, self.poll_s = timeout_s, factor, min_s, poll_s
         self.recent: deque[float] = deque(maxlen=RECENT_STEPS)
+        self.recent_saves: deque[float] = deque(maxlen=RECENT_STEPS)
         self._step: Optional[int] = None
         self._phase = ""
         self._started = 0.0
+        self._save_started: Optional[float] = None
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -88,10 +99,25 @@ class StepWatchdog:
         """Where in the step this rank is (data, forward/backward, optimizer, ...), for the report."""
         self._phase = name
 
-    def end(self) -> None:
+    def step_done(self) -> None:
+        """The optimizer step is done: its time joins the median; the checkpoint phase follows."""
         if self._step is not None:
             self.recent.append(time.monotonic() - self._started)
+        self._phase = "checkpoint phase (stop-signal agreement, saves)"
+
+    def end(self) -> None:
         self._step = None
+
+    @contextlib.contextmanager
+    def saving(self):
+        """Around a save's work (writing, or finishing a background write): watched with the save limit."""
+        started, phase = time.monotonic(), self._phase
+        self._save_started, self._phase = started, "checkpoint save"
+        try:
+            yield
+        finally:
+            self.recent_saves.append(time.monotonic() - started)
+            self._save_started, self._phase = None, phase
 
     def limit_s(self) -> float:
         """The running step's limit: the absolute one, the relative one, or the smaller of both."""
@@ -100,31 +126,43 @@ class StepWatchdog:
             limits.append(max(self.min_s, self.factor * statistics.median(self.recent)))
         return min(limits, default=float("inf"))
 
+    def save_limit_s(self) -> float:
+        if self.factor <= 0 or not self.recent_saves:
+            return float("inf")
+        return max(self.min_s, self.factor * statistics.median(self.recent_saves))
+
+    def _running(self) -> Optional[tuple[int, float, float]]:
+        """(step, age, limit) of what runs now, or None."""
+        step, save_started = self._step, self._save_started
+        if save_started is not None:
+            return (step or -1), time.monotonic() - save_started, self.save_limit_s()
+        if step is None:
+            return None
+        return step, time.monotonic() - self._started, self.limit_s()
+
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
-            step = self._step
-            if step is None:
-                continue
-            age = time.monotonic() - self._started
-            if age > self.limit_s():
-                self._report_and_exit(step, age)
+            running = self._running()
+            if running is not None and running[1] > running[2]:
+                self._report_and_exit(*running)
 
-    def _report_and_exit(self, step: int, age: float) -> None:
+    def _report_and_exit(self, step: int, age: float, limit: float) -> None:
         host = socket.gethostname()
         self.dir.mkdir(parents=True, exist_ok=True)
         stacks = self.dir / f"rank-{self.rank}.txt"
+        what = f"step {step}" if step >= 0 else "the final save"
         with open(stacks, "w") as f:
-            f.write(f"rank {self.rank} on {host} (pid {os.getpid()}): step {step} running for {age:.1f} s "
-                    f"(limit {self.limit_s():.1f} s), phase {self._phase}\n\n")
+            f.write(f"rank {self.rank} on {host} (pid {os.getpid()}): {what} running for {age:.1f} s "
+                    f"(limit {limit:.1f} s), phase {self._phase}\n\n")
             f.flush()
             faulthandler.dump_traceback(file=f, all_threads=True)
         record = flight_recorder_json()
         if record is not None:
             (self.dir / f"rank-{self.rank}.fr.json").write_bytes(record)
         log.error(
-            "step watchdog: rank %d on host %s: step %d has run %.1f s (limit %.1f s), in phase %s; stacks in %s%s; "
+            "step watchdog: rank %d on host %s: %s has run %.1f s (limit %.1f s), in phase %s; stacks in %s%s; "
             "exiting with code %d so that the agent restarts the job from the newest checkpoint",
-            self.rank, host, step, age, self.limit_s(), self._phase, stacks,
+            self.rank, host, what, age, limit, self._phase, stacks,
             " and the flight record beside them" if record is not None else "", HANG_EXIT_CODE,
         )
         for handler in logging.getLogger().handlers + log.handlers:

@@ -1,6 +1,7 @@
 """Run by torchrun from the resilience tests: the real trainer with one fault injected into one rank.
 
   fault_worker.py stall RANK STEP -- TRAIN ARGS     rank RANK hangs in the forward of step STEP
+  fault_worker.py stall-save RANK STEP -- TRAIN ARGS  rank RANK hangs while finishing the save of step STEP
   fault_worker.py slow RANK -- TRAIN ARGS           rank RANK shares its core with two busy processes
   fault_worker.py slow-link RANKS -- TRAIN ARGS     the health check's collectives are slow on RANKS
   fault_worker.py absent RANK -- TRAIN ARGS         rank RANK never reaches the health check
@@ -13,6 +14,7 @@ import time
 
 import sora_dist.resilience.health as health
 import sora_dist.trainer as trainer
+from sora_dist.checkpoint import CheckpointManager
 from sora_dist.cli import main
 from sora_dist.models import VideoDiT
 
@@ -30,6 +32,19 @@ def stall(rank: int, at_step: int) -> None:
         return original(self, *args, **kwargs)
 
     VideoDiT.forward = forward
+
+
+def stall_save(rank: int, at_step: int) -> None:
+    """The save of step ``at_step`` never finishes on ``rank``: its files are written, then it hangs
+    before the ranks agree on the manifest (where a frozen peer leaves the others waiting)."""
+    original = CheckpointManager._finalize
+
+    def finalize(self, step, writer):
+        if RANK == rank and step == at_step:
+            time.sleep(600)  # the watchdog ends this process long before
+        return original(self, step, writer)
+
+    CheckpointManager._finalize = finalize
 
 
 def busy() -> None:
@@ -81,6 +96,8 @@ if __name__ == "__main__":
     fault, params, train_args = sys.argv[1], sys.argv[2:split], sys.argv[split + 1 :]
     if fault == "stall":
         stall(int(params[0]), int(params[1]))
+    elif fault == "stall-save":
+        stall_save(int(params[0]), int(params[1]))
     elif fault == "slow":
         slow(int(params[0]))
     elif fault == "slow-link":

@@ -20,7 +20,7 @@ import pytest
 from sora_dist.checkpoint import newest_complete
 from sora_dist.checkpoint.state import decode_data_state
 from sora_dist.resilience.audit import epoch_coverage, kept_samples, last_step
-from sora_dist.resilience.drill import kill_tree
+from sora_dist.resilience.jobs import kill_tree
 
 REPO = Path(__file__).parents[2]
 EVERY = 4

@@ -52,6 +52,19 @@ def test_a_stalled_rank_makes_every_rank_dump_its_stacks_and_exit(synthetic_dir,
     assert record["entries"], "the flight recorder kept rank 0's collectives"
 
 
+def test_a_rank_that_stalls_in_a_save_is_caught_too(synthetic_dir, tmp_path):
+    """A peer frozen during a save leaves the others waiting in the save's agreements: the save
+    has its own limit (10x the median save, at least step_timeout_min_s), from the second save on."""
+    args = train_args(synthetic_dir, tmp_path, 30, "--logging.log_every=5", "--fault.step_timeout_factor=10", "--fault.step_timeout_min_s=3",
+                      "--checkpoint.every_steps=3")
+    result = launch(2, "stall-save", ["1", "6"], args)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and f"exitcode: {HANG_EXIT_CODE}" in output
+    assert "step watchdog: rank 1 on host" in output and "step watchdog: rank 0 on host" in output
+    assert "phase checkpoint save" in (tmp_path / "hangs" / "rank-1.txt").read_text()
+    assert "step 6" in (tmp_path / "hangs" / "rank-0.txt").read_text()
+
+
 def test_the_watchdog_limit_is_absolute_relative_or_the_smaller():
     dog = StepWatchdog(Path("."), 0, timeout_s=100, factor=5, min_s=2)
     assert dog.limit_s() == 100  # too few steps for a median yet
@@ -60,6 +73,18 @@ def test_the_watchdog_limit_is_absolute_relative_or_the_smaller():
     dog.recent.extend([0.1] * 50)
     assert dog.limit_s() == 2.0  # never below min_s
     assert StepWatchdog(Path("."), 0, 0, 0, 0).limit_s() == float("inf")
+
+
+def test_a_save_is_watched_from_the_second_on_with_its_own_limit():
+    dog = StepWatchdog(Path("."), 0, timeout_s=100, factor=5, min_s=2)
+    assert dog.save_limit_s() == float("inf")  # the first save: nothing yet says how long one takes
+    with dog.saving():
+        assert dog._running()[2] == float("inf")
+    dog.recent_saves[-1] = 8.0
+    assert dog.save_limit_s() == 40.0  # the step's absolute limit does not cap a save
+    dog.recent_saves.append(0.1)
+    dog.recent_saves.append(0.1)
+    assert dog.save_limit_s() == 2.0
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to give one rank a core of its own")

@@ -80,6 +80,52 @@ def test_a_disk_too_small_for_a_checkpoint_is_named_before_training(synthetic_di
 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: usage._replace(free=1000))  # a full disk
-    with pytest.raises(ConfigError, match=r"checkpoint.dir=.* has 0.00 GiB free on host .* with checkpoint.keep_last=1 the run keeps 1 "
+    with pytest.raises(ConfigError, match=r"checkpoint.dir=.* has 1000 B free on host .* with checkpoint.keep_last=1 the run keeps 1 "
                                           r"checkpoints and writes one more before pruning \(0 there now\), so 2 more of"):
         train(config(synthetic_dir, tmp_path))
+
+
+def full_disk_at(monkeypatch, steps, after_bytes=20_000):
+    """The checkpoint disk runs out of space part-way into the saves of ``steps``: a write into their
+    files fails with ENOSPC after ``after_bytes``, as a disk that fills mid-save does."""
+    import errno
+
+    from sora_dist.checkpoint import files
+
+    original = files._HashingStream.write
+
+    def write(self, data):
+        name = getattr(self._stream, "name", "")
+        if any(f"step-{step}.tmp" in name for step in steps) and self.size + len(memoryview(data).cast("B")) > after_bytes:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
+        return original(self, data)
+
+    monkeypatch.setattr(files._HashingStream, "write", write)
+
+
+def test_a_disk_that_fills_mid_save_costs_that_checkpoint_not_the_run(synthetic_dir, tmp_path, caplog, monkeypatch):
+    full_disk_at(monkeypatch, steps=(6, 9))
+    with caplog.at_level(logging.INFO, logger="sora_dist"):
+        assert main(["train", *train_args(synthetic_dir, tmp_path, "--checkpoint.keep_last=2"), "--train.steps=12"]) == 0
+    failures = [line for line in caplog.text.splitlines() if "failed in" in line]
+    assert len(failures) == 2 and "checkpoint step 6 failed in" in failures[0] and "checkpoint step 9 failed in" in failures[1]
+    assert "No space left on device writing __0_0.distcp" in failures[0] and "training goes on" in failures[0]
+    assert "the newest complete checkpoint is" in failures[0] and failures[0].rstrip().endswith("step-3)")
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("step-")) == ["step-12", "step-3"]
+    monkeypatch.undo()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sora_dist"):
+        assert main(["train", *train_args(synthetic_dir, tmp_path), "--train.steps=14"]) == 0
+    assert f"resumed from {checkpoints / 'step-12'} at step 12" in caplog.text
+
+
+def test_saves_failing_in_a_row_stop_the_run_naming_the_newest_checkpoint(synthetic_dir, tmp_path, caplog, monkeypatch):
+    full_disk_at(monkeypatch, steps=(6, 9, 12))
+    with caplog.at_level(logging.INFO, logger="sora_dist"):
+        code = main(["train", *train_args(synthetic_dir, tmp_path, "--checkpoint.max_failed_saves=2"), "--train.steps=20"])
+    assert code == 2
+    line = next(line for line in caplog.text.splitlines() if "CheckpointError" in line)
+    assert "2 checkpoint saves in a row failed (checkpoint.max_failed_saves=2), the last at step 9" in line
+    assert f"the newest complete checkpoint is {tmp_path / 'checkpoints' / 'step-3'}" in line
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
