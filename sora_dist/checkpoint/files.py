@@ -2,9 +2,11 @@
 and reading it back without running any code it carries.
 
 ``COMPLETE``, written last, is a JSON manifest: the step and, for every other file of the folder,
-its size and SHA-256. The digests of the DCP shard files are taken while they are written (each
-rank hashes the bytes of its own files as they stream to disk, so hashing costs no extra read);
-the small files rank 0 writes, and DeepSpeed's files, are hashed right after they are written.
+its size and CRC-32 (zlib's, as zip and torch.save use per record: 3.9 GB/s on this machine's
+core, against 1.4 for SHA-256; it finds damage, while what a crafted file could do is stopped by
+the reader below). The checksums of the DCP shard files are taken while they are written (each
+rank checksums the bytes of its own files as they stream to disk, so it costs no extra read); the
+small files rank 0 writes, and DeepSpeed's files, are checksummed right after they are written.
 
 Reading back never unpickles anything but what DCP's metadata holds: ``.metadata`` goes through an
 unpickler that admits only DCP's metadata classes, torch sizes, dtypes and layouts, and paths;
@@ -15,12 +17,13 @@ Anything else is refused with one line naming the file.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
 import pickle
 import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -36,6 +39,7 @@ from sora_dist.errors import CheckpointError
 COMPLETE = "COMPLETE"
 METADATA = ".metadata"
 READ_CHUNK = 8 * 2**20
+OVERLAP_BYTES = 1 * 2**20  # writes at least this large are hashed beside the write, not before it
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 # What DCP's .metadata pickles (torch 2.8-2.13): its dataclasses, torch.Size, dtypes, layouts, paths.
@@ -125,19 +129,32 @@ def weights_only_loads(admitted: list[type]):
 
 
 class _HashingStream:
-    """A file being written, hashing every byte on its way to the file (DCP writes each file
-    front to back: ``torch.save`` streams into it)."""
+    """A file being written, checksumming every byte on its way to the file (DCP writes each file
+    front to back: ``torch.save`` streams into it). A large write is checksummed on ``hasher``'s
+    thread while it goes to disk: both let go of the GIL (bench-checkpoint measures what is left)."""
 
-    def __init__(self, stream):
-        self._stream = stream
-        self.digest = hashlib.sha256()
+    def __init__(self, stream, hasher: ThreadPoolExecutor):
+        self._stream, self._hasher = stream, hasher
+        self.crc = 0
         self.size = 0
+
+    def _update(self, view: memoryview) -> None:
+        self.crc = zlib.crc32(view, self.crc)
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
-        self.digest.update(view)
         self.size += view.nbytes
-        return self._stream.write(view)
+        if view.nbytes < OVERLAP_BYTES:
+            self._update(view)
+            return self._stream.write(view)
+        summed = self._hasher.submit(self._update, view)
+        try:
+            return self._stream.write(view)
+        finally:
+            summed.result()  # in order, and before the caller may reuse the buffer
+
+    def checksum(self) -> dict:
+        return {"bytes": self.size, "crc32": f"{self.crc:08x}"}
 
     def __getattr__(self, name):
         return getattr(self._stream, name)
@@ -147,6 +164,7 @@ class _HashingFileSystem(FileSystem):
     def __init__(self):
         self.digests: dict[str, dict] = {}
         self._lock = threading.Lock()  # DCP may write with several threads
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sora-dist-checkpoint-hash")
 
     @contextlib.contextmanager
     def create_stream(self, path, mode: str):
@@ -154,10 +172,10 @@ class _HashingFileSystem(FileSystem):
             if "w" not in mode:
                 yield stream
                 return
-            hashing = _HashingStream(stream)
+            hashing = _HashingStream(stream, self._hasher)
             yield hashing
         with self._lock:
-            self.digests[Path(path).name] = {"bytes": hashing.size, "sha256": hashing.digest.hexdigest()}
+            self.digests[Path(path).name] = hashing.checksum()
 
     def rename(self, path, new_path) -> None:
         super().rename(path, new_path)
@@ -167,7 +185,7 @@ class _HashingFileSystem(FileSystem):
 
 
 class HashingWriter(FileSystemWriter):
-    """DCP's file writer that records the size and SHA-256 of every file it writes (``digests``)."""
+    """DCP's file writer that records the size and CRC-32 of every file it writes (``digests``)."""
 
     def __init__(self, path):
         super().__init__(path)
@@ -179,13 +197,13 @@ class HashingWriter(FileSystemWriter):
 
 
 def file_digest(path: Path) -> dict:
-    """Size and SHA-256 of a file, read in chunks."""
-    digest, size = hashlib.sha256(), 0
+    """Size and CRC-32 of a file, read in chunks."""
+    crc, size = 0, 0
     with open(path, "rb") as stream:
         while chunk := stream.read(READ_CHUNK):
-            digest.update(chunk)
+            crc = zlib.crc32(chunk, crc)
             size += len(chunk)
-    return {"bytes": size, "sha256": digest.hexdigest()}
+    return {"bytes": size, "crc32": f"{crc:08x}"}
 
 
 def files_of(folder: Path) -> list[str]:
@@ -201,13 +219,13 @@ def write_manifest(folder: Path, step: int, digests: dict[str, dict]) -> None:
 
 
 def read_manifest(folder: Path) -> dict[str, dict]:
-    """name -> {bytes, sha256} from a checkpoint's COMPLETE; CheckpointError if it has none."""
+    """name -> {bytes, crc32} from a checkpoint's COMPLETE; CheckpointError if it has none."""
     path = Path(folder) / COMPLETE
     if not path.is_file():
         raise CheckpointError(f"{folder}: no {COMPLETE} marker (the save was interrupted)")
     try:
         files = json.loads(path.read_text())["files"]
-        assert all(isinstance(v["bytes"], int) and isinstance(v["sha256"], str) for v in files.values())
+        assert all(isinstance(v["bytes"], int) and isinstance(v["crc32"], str) for v in files.values())
     except (OSError, ValueError, KeyError, TypeError, AssertionError, AttributeError):
         raise CheckpointError(f"{folder}: {COMPLETE} is not a file manifest (damaged, or written by a version without checksums)") from None
     return files
@@ -238,7 +256,7 @@ def verify_share(folder: Path, rank: int = 0, world_size: int = 1) -> list[str]:
     files = read_manifest(folder)
     problems = []
     for name in sorted(files)[rank::world_size]:
-        if file_digest(folder / name)["sha256"] != files[name]["sha256"]:
+        if file_digest(folder / name)["crc32"] != files[name]["crc32"]:
             problems.append(f"{name} does not match its checksum (its bytes changed after the save)")
     if rank == 0 and METADATA in files:
         try:

@@ -4,7 +4,7 @@ A checkpoint is a folder ``step-N/`` holding, through torch.distributed.checkpoi
 model, optimizer, EMA (sharded as they are in memory, resharded on load), the LR schedule and the
 step/sample counters; beside them ``rng.json`` (each data-parallel rank's noise generator),
 ``data.json`` (the loader's global position) and ``config.yaml``. It is written as
-``step-N.tmp/`` and renamed, with its ``COMPLETE`` manifest (every file's size and SHA-256, see
+``step-N.tmp/`` and renamed, with its ``COMPLETE`` manifest (every file's size and CRC-32, see
 files.py), only after every rank has finished, then ``latest`` is replaced atomically: a crash
 mid-save never leaves a checkpoint that looks complete. Saves can run asynchronously; a pending
 one is finalized as soon as every rank's write is done.
