@@ -39,8 +39,9 @@ from sora_dist.errors import CheckpointError
 COMPLETE = "COMPLETE"
 METADATA = ".metadata"
 READ_CHUNK = 8 * 2**20
-OVERLAP_BYTES = 1 * 2**20  # writes at least this large are hashed beside the write, not before it
+OVERLAP_BYTES = 1 * 2**20  # writes at least this large are checksummed beside the write, not before it
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sora-dist-checkpoint-hash")  # one for the process
 
 # What DCP's .metadata pickles (torch 2.8-2.13): its dataclasses, torch.Size, dtypes, layouts, paths.
 _DCP_CLASSES = {
@@ -164,7 +165,6 @@ class _HashingFileSystem(FileSystem):
     def __init__(self):
         self.digests: dict[str, dict] = {}
         self._lock = threading.Lock()  # DCP may write with several threads
-        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sora-dist-checkpoint-hash")
 
     @contextlib.contextmanager
     def create_stream(self, path, mode: str):
@@ -172,7 +172,7 @@ class _HashingFileSystem(FileSystem):
             if "w" not in mode:
                 yield stream
                 return
-            hashing = _HashingStream(stream, self._hasher)
+            hashing = _HashingStream(stream, _HASHER)
             yield hashing
         with self._lock:
             self.digests[Path(path).name] = hashing.checksum()

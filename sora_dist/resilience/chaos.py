@@ -107,6 +107,12 @@ class Context:
                 raise RuntimeError(f"chaos {self.fault}: {what} never happened (see {self.folder / 'job.log'})")
             time.sleep(POLL_S)
 
+    def worker(self, rank: int) -> int:
+        pid = worker_pid(self.job.proc, rank)
+        if pid is None:
+            raise RuntimeError(f"chaos {self.fault}: no trainer process of rank {rank} below the job")
+        return pid
+
     def saved(self, step: int) -> bool:
         return (self.checkpoints / f"step-{step}" / COMPLETE).is_file()
 
@@ -121,7 +127,7 @@ class Context:
 
 def freeze_rank(ctx: Context) -> float:
     ctx.wait_until(lambda: ctx.saved(10), "step-10 saved")
-    os.kill(worker_pid(ctx.job.proc, 1), signal.SIGSTOP)
+    os.kill(ctx.worker(1), signal.SIGSTOP)
     return time.time()
 
 
@@ -132,7 +138,7 @@ def fill_disk(ctx: Context) -> float:
     with open(filler, "wb") as f:  # leave half a checkpoint free
         os.posix_fallocate(f.fileno(), 0, max(1, ctx.free_bytes() - size // 2))
     filled = time.time()
-    ctx.wait_until(lambda: ctx.job.count(r"checkpoint step \d+ failed") >= 2, "two failed saves")
+    ctx.wait_until(lambda: ctx.job.count(r"rank0\] checkpoint step \d+ failed") >= 2, "two failed saves")
     filler.unlink()
     return filled
 
@@ -141,7 +147,7 @@ def damage(kind: str) -> Callable[[Context], float]:
     def act(ctx: Context) -> float:
         ctx.wait_until(lambda: ctx.saved(15), "step-15 saved")
         DAMAGES[kind](ctx.checkpoints / "step-15", ctx.folder)
-        os.kill(worker_pid(ctx.job.proc, 1), signal.SIGKILL)  # a crash: torchrun restarts from the damaged checkpoint
+        os.kill(ctx.worker(1), signal.SIGKILL)  # a crash: torchrun restarts from the damaged checkpoint
         return time.time()
 
     return act
@@ -151,7 +157,7 @@ def slow_rank(ctx: Context) -> float:
     ctx.wait_until(lambda: last_step(ctx.run) >= 3, "step 3")
     cores = sorted(os.sched_getaffinity(0))
     for rank in range(NPROC):
-        os.sched_setaffinity(worker_pid(ctx.job.proc, rank), {cores[rank % len(cores)]})
+        os.sched_setaffinity(ctx.worker(rank), {cores[rank % len(cores)]})
     ctx.hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
     for hog in ctx.hogs:
         os.sched_setaffinity(hog.pid, {cores[1 % len(cores)]})
@@ -256,7 +262,10 @@ def small_disk(folder: Path, size: int) -> str:
     """Mount a tmpfs of ``size`` bytes on ``folder`` where this machine allows it ('tmpfs'), else
     'seam': the trainer's file writes get the disk's limit (inject.py)."""
     folder.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    except OSError:  # no mount command at all
+        return "seam"
     return "tmpfs" if mounted.returncode == 0 else "seam"
 
 

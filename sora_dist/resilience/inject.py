@@ -20,12 +20,14 @@ import io
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from sora_dist.cli import main as cli_main
 from sora_dist.models import VideoDiT
 
 RANK = int(os.environ.get("RANK", "0"))
+RESCAN_S = 0.2
 
 
 def disk_used(folder: Path) -> int:
@@ -33,15 +35,22 @@ def disk_used(folder: Path) -> int:
 
 
 class _QuotaFile:
-    """A file being written on the small disk: a write past its size fails as a full disk does."""
+    """A file being written on the small disk: a write past its size fails as a full disk does.
+    What the disk holds is read from the folder at most every RESCAN_S (torch.save writes in many
+    small pieces), plus what this file wrote since."""
 
     def __init__(self, file, folder: Path, size: int):
         self._file, self._folder, self._size = file, folder, size
+        self._scanned_at, self._used = 0.0, 0
 
     def write(self, data):
-        self._file.flush()
-        if disk_used(self._folder) + len(memoryview(data).cast("B")) > self._size:
+        size = len(data.encode()) if isinstance(data, str) else memoryview(data).nbytes
+        if time.monotonic() - self._scanned_at > RESCAN_S:
+            self._file.flush()
+            self._scanned_at, self._used = time.monotonic(), disk_used(self._folder)
+        if self._used + size > self._size:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self._file.name)
+        self._used += size
         return self._file.write(data)
 
     def __enter__(self):
@@ -54,7 +63,8 @@ class _QuotaFile:
         return getattr(self._file, name)
 
 
-def small_disk(folder: Path, size: int) -> None:
+def small_disk_functions(folder: Path, size: int):
+    """``open`` and ``shutil.disk_usage`` as they behave when ``folder`` sits on a disk of ``size`` bytes."""
     folder = folder.resolve()
     real_open, real_usage = io.open, shutil.disk_usage
 
@@ -71,6 +81,11 @@ def small_disk(folder: Path, size: int) -> None:
         used = disk_used(folder)
         return real_usage(path)._replace(total=size, used=used, free=max(0, size - used))
 
+    return quota_open, usage
+
+
+def small_disk(folder: Path, size: int) -> None:
+    quota_open, usage = small_disk_functions(folder, size)
     io.open = builtins.open = quota_open
     shutil.disk_usage = usage
 
