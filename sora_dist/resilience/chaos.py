@@ -165,9 +165,14 @@ def slow_rank(ctx: Context) -> float:
 
 
 def nan_time(ctx: Context) -> float:
-    """In-process fault: it struck when step 11 ended (step 12 began)."""
-    ctx.wait_until(lambda: last_step(ctx.run) >= 11, "step 11")
-    return next(r["time"] for r in read_ledger(ctx.run)[0][0] if r["step"] == 11)
+    """In-process fault: it struck when step 11 ended (step 12 began) on the first rank to end it.
+    Each rank writes its own ledger: the first to record step 11 may be either."""
+    def step_11_ended() -> Optional[float]:
+        times = [r["time"] for records in read_ledger(ctx.run).get(0, {}).values() for r in records if r["step"] == 11]
+        return min(times, default=None)
+
+    ctx.wait_until(lambda: step_11_ended() is not None, "step 11")
+    return step_11_ended()
 
 
 def _flip(path: Path) -> None:
@@ -315,8 +320,8 @@ def run_fault(name: str, folder: Path, data: Path, reference: Optional[dict]) ->
         ctx.job = launch(ctx, fault)
         try:
             injected = ctx.job.started if name == "corrupt-data" else fault.act(ctx) if fault.act else None
-        except RuntimeError as err:
-            problem = str(err)
+        except Exception as err:  # a fault that could not be injected is a failed row, not a failed suite
+            problem = f"{type(err).__name__}: {err}"
         code = ctx.job.wait(JOB_TIMEOUT_S)
     finally:
         if ctx.job is not None and ctx.job.proc.poll() is None:
@@ -341,11 +346,14 @@ def kill_node(ctx: Context, reference_loss: Optional[float]) -> dict:
     survivor = node("a")  # hosts the rendezvous store: it must survive
     time.sleep(2)
     victim = node("b")
-    ctx.job = survivor
+    ctx.job, injected, problem = survivor, None, ""
     try:
-        ctx.wait_until(lambda: last_step(ctx.run) >= 14, "step 14")
-        injected = time.time()
-        kill_tree(victim.proc)
+        try:
+            ctx.wait_until(lambda: last_step(ctx.run) >= 14, "step 14")
+            injected = time.time()
+            kill_tree(victim.proc)
+        except RuntimeError as err:
+            problem = str(err)
         code = survivor.wait(JOB_TIMEOUT_S)
     finally:
         for job in (survivor, victim):
@@ -353,7 +361,7 @@ def kill_node(ctx: Context, reference_loss: Optional[float]) -> dict:
                 kill_tree(job.proc)
     result = measure(ctx, code, injected, reference_loss)
     result["world_sizes"] = [a["world_size"] for a in read_attempts(ctx.run / "goodput")]
-    return result
+    return {**result, **({"problem": problem} if problem else {})}
 
 
 def environment() -> str:

@@ -55,14 +55,23 @@ def test_resume_on_another_layout(saved, nproc, layout):
     assert sorted(trained + rest) == list(range(96))  # the synthetic set: every sample exactly once
 
 
-def test_deepspeed_resumes_on_its_world_size_and_refuses_another(synthetic_dir, tmp_path):
-    args = overrides(synthetic_dir, tmp_path / "run") + ["--parallel.engine=deepspeed", "--parallel.zero_stage=2"]
+def deepspeed_round_trip(tmp_path, args) -> None:
+    """Save and resume on 2 ranks (every DeepSpeed file read weights-only); the model must match."""
     worker(2, "save", tmp_path / "save.pt", args)
     worker(2, "load", tmp_path / "load.pt", args)
     before, after = torch.load(tmp_path / "save.pt", weights_only=False), torch.load(tmp_path / "load.pt", weights_only=False)
     for key, value in before["state"].items():
         if key.startswith("model."):
             torch.testing.assert_close(after["state"][key], value, rtol=0, atol=0, msg=key)
+
+
+def test_deepspeed_zero3_resumes_exactly(synthetic_dir, tmp_path):
+    deepspeed_round_trip(tmp_path, overrides(synthetic_dir, tmp_path / "run") + ["--parallel.engine=deepspeed", "--parallel.zero_stage=3", "--optim.ema_decay=0"])
+
+
+def test_deepspeed_resumes_on_its_world_size_and_refuses_another(synthetic_dir, tmp_path):
+    args = overrides(synthetic_dir, tmp_path / "run") + ["--parallel.engine=deepspeed", "--parallel.zero_stage=2"]
+    deepspeed_round_trip(tmp_path, args)
     refused = worker(4, "load", tmp_path / "load4.pt", args, expect_ok=False)
     assert refused.returncode != 0
     assert "saved by DeepSpeed on 2 ranks; this run has 4" in refused.stderr + refused.stdout
