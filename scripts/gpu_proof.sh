@@ -3,7 +3,7 @@
 # bench-loader, with a markdown table and JSON of every number (date, GPU, driver, torch, CUDA).
 #   scripts/gpu_proof.sh OUT_DIR [--parts tests demo train kernels loader] [--small]
 # On a machine without network, put the wheels the image lacks in .whl/ first (webdataset and
-# braceexpand for torch images; see README, "GPU proof"): they are installed to a private folder.
+# braceexpand for torch images; see docs/benchmarks.md, "GPU proof"): they are installed to a private folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out_dir=${1:?usage: scripts/gpu_proof.sh OUT_DIR [sora-dist gpu-proof options]}

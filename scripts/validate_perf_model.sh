@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Validate the performance model on this machine (README, "Performance model: validation"):
+# Validate the performance model on this machine (docs/planner.md, "Validation"):
 # calibrate on 1 process, measure the links on 2 and 4 gloo ranks (4 bench-comm runs), then
 # predict and measure 12 layouts of a small model on 1, 2 and 4 ranks, each 3 times round robin.
 #   scripts/validate_perf_model.sh OUT_DIR

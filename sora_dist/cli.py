@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train a video DiT; extra --section.key=value arguments override the config",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Config keys (defaults < the --config file < --section.key=value on the command line; every field is\n"
-               "documented in sora_dist/config.py and README.md's Configuration section):\n\n" + describe_keys(),
+               "documented in sora_dist/config.py and docs/configuration.md):\n\n" + describe_keys(),
     )
     p.add_argument("--config", required=True, help="YAML experiment file, e.g. configs/demo.yaml")
     p.set_defaults(func=cmd_train, overrides_allowed=True)

@@ -17,7 +17,7 @@ Parts, each run in a fresh process so that one failure or out-of-memory does not
 - ``kernels``: ``bench-kernels`` (attention TFLOP/s per backend, fused kernels against a copy);
 - ``loader``: ``bench-loader`` with the DiT-XL step times measured by ``train``.
 
-It writes ``gpu_proof.json`` (every number) and ``gpu_proof.md`` (the tables the README shows)
+It writes ``gpu_proof.json`` (every number) and ``gpu_proof.md`` (the tables docs/benchmarks.md shows)
 into the output folder, with the run folders and logs beside them. ``--small`` shrinks every part
 to seconds so the command itself is tested on CPU; without CUDA the report says so on its first
 line and the GPU tests are recorded as skipped, never as passed.
@@ -222,7 +222,7 @@ def _tail(path: Path, chars: int = 1500) -> str:
 
 
 def markdown(report: dict) -> str:
-    """The tables the README's benchmark section shows."""
+    """The tables of docs/benchmarks.md's GPU proof section."""
     env = report.get("env", {})
     lines = [f"# GPU proof, {env.get('date', '?')}", ""]
     if not report.get("cuda"):
