@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from sora_dist.config import describe_keys
-from sora_dist.console import run_command
+from sora_dist.console import CommandParser, positive_int, run_command
 
 log = logging.getLogger("sora_dist")
 
@@ -43,9 +43,11 @@ def cmd_encode(args: argparse.Namespace, overrides: list[str]) -> None:
 
 def cmd_decode(args: argparse.Namespace, overrides: list[str]) -> None:
     from sora_dist import device as device_lib
+    from sora_dist.data import read_manifest
     from sora_dist.data.decode import decode_dataset
     from sora_dist.data.encoders import VideoVAE
 
+    read_manifest(args.data)  # a missing dataset is named before the VAE is loaded
     vae = VideoVAE(args.vae, args.vae_subfolder, device_lib.detect(args.device).torch_device)
     written = decode_dataset(args.data, vae, args.out, args.num, args.format)
     log.info("decoded %d samples of %s -> %s", len(written), args.data, args.out)
@@ -132,13 +134,17 @@ def cmd_goodput(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_plot(args: argparse.Namespace, overrides: list[str]) -> None:
+    from sora_dist.errors import ConfigError
     from sora_dist.metrics import read_history
     from sora_dist.visualize import save_loss_comparison
 
     curves = {}
     for run in args.runs:
         label, _, path = run.rpartition("=") if "=" in run else (run, "", run)
-        history = read_history(Path(path) / "metrics.jsonl")
+        metrics = Path(path) / "metrics.jsonl"
+        if not metrics.exists():
+            raise ConfigError(f"{metrics} does not exist: pass run folders (train.out_dir) as LABEL=FOLDER or FOLDER")
+        history = read_history(metrics)
         curves[label] = ([r["step"] for r in history], [r["loss"] for r in history])
     save_loss_comparison(curves, args.out)
     for label, (steps, losses) in curves.items():
@@ -165,7 +171,7 @@ MODULE_COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sora-dist", description=__doc__)
+    parser = CommandParser(prog="sora-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -180,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-synthetic", help="write a synthetic dataset of moving coloured blobs")
     p.add_argument("--out", required=True)
-    p.add_argument("--samples", type=int, default=768)
+    p.add_argument("--samples", type=positive_int, default=768)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples-per-shard", type=int, default=64)
     p.set_defaults(func=cmd_make_synthetic, overrides_allowed=False)

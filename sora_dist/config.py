@@ -324,7 +324,7 @@ def _to_plain(value: Any) -> Any:
 def resolve_model_config(cfg: ModelConfig, in_channels: int, text_dim: int) -> DiTConfig:
     """The model's hyper-parameters: the preset, explicit overrides, and the dataset's latent
     channels and text width (used where the config leaves them null)."""
-    preset = PRESETS[cfg.preset]
+    preset = preset_sizes(cfg.preset)
     return DiTConfig(
         in_channels=cfg.in_channels or in_channels,
         text_dim=cfg.text_dim or text_dim,
@@ -470,12 +470,14 @@ def validate(cfg: Config) -> None:
     _validate_training(cfg)
 
 
+def preset_sizes(name: str) -> dict[str, int]:
+    """A model preset's width, depth and heads; ConfigError naming the presets for an unknown one."""
+    _require(name in PRESETS, f"model.preset={name!r} is unknown: choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
 def _validate_model(m: ModelConfig) -> None:
-    _require(
-        m.preset in PRESETS,
-        f"model.preset={m.preset!r} is unknown: choose one of {', '.join(PRESETS)}",
-    )
-    preset = PRESETS[m.preset]
+    preset = preset_sizes(m.preset)
     hidden = m.hidden_size or preset["hidden_size"]
     heads = m.num_heads or preset["num_heads"]
     for key, value in (("hidden_size", hidden), ("depth", m.depth or preset["depth"]), ("num_heads", heads)):

@@ -1,12 +1,19 @@
 """How commands talk to their user: INFO logging on rank 0, and a user error as one line (no
-traceback) with exit status 2."""
+traceback) with exit status 2, whether it is a mistake in the arguments (``CommandParser``) or
+found later (a ``SoraDistError`` raised inside a command run by ``run_command`` or
+``user_command``)."""
 
 from __future__ import annotations
 
+import argparse
+import functools
+import json
 import logging
 import os
+from pathlib import Path
+from typing import Callable, Optional
 
-from sora_dist.errors import SoraDistError
+from sora_dist.errors import ConfigError, SoraDistError
 
 log = logging.getLogger("sora_dist")
 
@@ -29,12 +36,52 @@ def setup_logging() -> None:
     )
 
 
-def run_command(command) -> int:
-    """Run a command with the project's logging; a user error is logged (no traceback), exit 2."""
+def run_command(command: Callable[[], Optional[int]]) -> int:
+    """Run a command with the project's logging; its exit status, or 2 after logging a user error
+    as one line (no traceback)."""
     setup_logging()
     try:
-        command()
-    except SoraDistError as err:
-        log.error("%s: %s", type(err).__name__, err)
+        status = command()
+    except SoraDistError as err:  # one line, even where the message wraps another library's
+        log.error("%s: %s", type(err).__name__, " ".join(str(err).split()))
         return 2
-    return 0
+    return status if isinstance(status, int) else 0
+
+
+def user_command(main: Callable[[Optional[list[str]]], Optional[int]]):
+    """Decorate a command's ``main(argv)`` (run by ``sora-dist NAME`` and by ``python -m`` under
+    torchrun) so that a user error ends it with one line and exit status 2."""
+    @functools.wraps(main)
+    def wrapped(argv: Optional[list[str]] = None) -> int:
+        return run_command(lambda: main(argv))
+
+    return wrapped
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An argument parser whose mistakes are one line: the problem and where the help is."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for a count or size: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def read_json(path: str | Path, what: str, written_by: str) -> dict:
+    """A JSON file the user named on the command line; ConfigError naming it and the command that
+    writes such files when it is missing or not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError(f"{what} {path} does not exist: pass a file written by {written_by}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{what} {path} is not JSON ({err}): pass a file written by {written_by}") from None

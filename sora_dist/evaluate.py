@@ -24,7 +24,6 @@ direction accuracy, speed near 0 or erratic), which is what the tests check agai
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from sora_dist.applications import Request, encode_prompt
+from sora_dist.console import CommandParser, user_command
 from sora_dist.data.synthetic import COLORS, DIRECTIONS, HELD_OUT, caption_for, render
 from sora_dist.errors import ConfigError
 
@@ -294,10 +294,9 @@ def evaluate(cfg, model, objective, manifest, dev, per_direction: int, seed: int
     return summarize(cases, scores)
 
 
+@user_command
 def main(argv: Optional[list[str]] = None) -> int:
-    from sora_dist.console import run_command
-
-    parser = argparse.ArgumentParser(prog="sora-dist eval-blobs", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="sora-dist eval-blobs", description=__doc__.split("\n\n")[0])
     parser.add_argument("--from", dest="source", required=True, metavar="RUN", help="a run trained on the synthetic blobs (configs/demo.yaml)")
     parser.add_argument("--per-direction", type=int, default=4, help="clips per direction and application (4 directions)")
     parser.add_argument("--seed", type=int, default=1000)
@@ -306,7 +305,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--one-step", action="store_true",
                         help="also the offset of the blob in the model's one-step clean prediction at several noise levels, per frame")
     args, overrides = parser.parse_known_args(argv)
-    return run_command(lambda: _run(args, overrides))
+    return _run(args, overrides)
 
 
 def _run(args, overrides) -> None:

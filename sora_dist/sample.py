@@ -26,6 +26,7 @@ import torch.distributed as dist
 from sora_dist.applications import LATENT_ONLY_VAES, MediaInputs, Request, build_request, encode_prompt, image_to_video, per_sample
 from sora_dist.checkpoint import COMPLETE
 from sora_dist.config import Config, ParallelConfig, load_config
+from sora_dist.console import CommandParser, user_command
 from sora_dist.data.format import Manifest, read_manifest
 from sora_dist.diffusion import build_objective, guided, sample
 from sora_dist.errors import ConfigError, DataError
@@ -317,16 +318,15 @@ class TrainingSamples:
         return folder
 
 
+@user_command
 def main(argv: Optional[list[str]] = None) -> int:
     """``python -m sora_dist.sample`` (under torchrun for several ranks)."""
-    from sora_dist.console import run_command
-
-    parser = argparse.ArgumentParser(prog="sora-dist sample", description=__doc__.split("\n\n")[0], epilog=APPLICATIONS,
+    parser = CommandParser(prog="sora-dist sample", description=__doc__.split("\n\n")[0], epilog=APPLICATIONS,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args, overrides = parser.parse_known_args(argv)
     try:
-        return run_command(lambda: run(args, overrides))
+        return run(args, overrides)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

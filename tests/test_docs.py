@@ -92,9 +92,10 @@ def command_parser(command: str, monkeypatch) -> tuple[argparse.ArgumentParser, 
 
 
 def shown_commands(markdown: str) -> list[list[str]]:
-    """Every command line in the fenced blocks (continuation lines joined), as tokens."""
+    """Every command line in the fenced shell blocks (continuation lines joined), as tokens; bare
+    blocks show output."""
     lines = []
-    for block in re.findall(r"^```[a-z]*\n(.*?)^```", markdown, flags=re.M | re.S):
+    for block in re.findall(r"^```(?:bash|sh|shell)\n(.*?)^```", markdown, flags=re.M | re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
             if line and not line.startswith("#"):

@@ -29,6 +29,7 @@ import torch.distributed.checkpoint as dcp
 
 from sora_dist import device as device_lib
 from sora_dist.config import load_config
+from sora_dist.console import CommandParser, positive_int, user_command
 from sora_dist.data import make_synthetic
 from sora_dist.build import start_distributed, stop_distributed
 from sora_dist.checkpoint.files import HashingWriter, verify_share
@@ -136,10 +137,11 @@ def print_table(r: dict) -> None:
         print(f"  {name:<26} {value}")
 
 
+@user_command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sora-dist bench-checkpoint", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="sora-dist bench-checkpoint", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="S")
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=positive_int, default=8)
     parser.add_argument("--json", default="", help="also write the numbers to this JSON file")
     parser.add_argument("--workdir", default="runs/bench_checkpoint", help="shared by all ranks; its run folders are replaced")
     args, extra = parser.parse_known_args(argv)

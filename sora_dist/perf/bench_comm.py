@@ -64,7 +64,7 @@ import torch.distributed._functional_collectives as functional
 from sora_dist import device as device_lib
 from sora_dist.build import start_distributed, stop_distributed
 from sora_dist.config import load_config, resolve_model_config
-from sora_dist.console import human_bytes
+from sora_dist.console import CommandParser, human_bytes, user_command
 from sora_dist.models.dit import Mlp
 from sora_dist.parallel.mesh import MESH_DIMS, build_mesh, resolve_dims
 from sora_dist.perf.output import report_on_rank_zero
@@ -102,10 +102,14 @@ def message_sizes(min_bytes: int, max_bytes: int, factor: int = 4) -> list[int]:
 def parse_bytes(text: str) -> int:
     """'256M', '1G', '4096' -> bytes (K, M, G are powers of 1024)."""
     units = {"K": 1024, "M": 1024**2, "G": 1024**3}
-    text = text.strip().upper().removesuffix("IB").removesuffix("B")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
+    size = text.strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        value = int(float(size[:-1]) * units[size[-1]]) if size and size[-1] in units else int(size)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: write bytes or a size like 64K, 256M, 1G") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1 byte")
+    return value
 
 
 def collective(op: str, group, nbytes: int, device: torch.device) -> Callable[[], None]:
@@ -322,7 +326,7 @@ def format_table(result: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="sora-dist bench-comm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="sora-dist bench-comm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="XL", help="model preset whose head count the layout is checked against")
     parser.add_argument("--min-bytes", type=parse_bytes, default=1024, help="smallest message (default 1K)")
     parser.add_argument("--max-bytes", type=parse_bytes, default=256 * 1024**2, help="largest message (default 256M)")
@@ -338,6 +342,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return parser.parse_known_args(argv)
 
 
+@user_command
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from sora_dist import device as device_lib
+from sora_dist.console import CommandParser, user_command
 from sora_dist.kernels import BACKENDS, select_attention_backend, set_attention_backend
 from sora_dist.kernels import fused
 
@@ -91,8 +92,9 @@ def step_table(args) -> list[dict]:
     return rows
 
 
+@user_command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sora-dist bench-kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="sora-dist bench-kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="CPU-sized shapes")
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from sora_dist.config import Config, load_config, resolve_model_config
+from sora_dist.console import CommandParser, positive_int, user_command
 from sora_dist.data import LatentLoader, ShardWriter, make_synthetic, read_manifest
 from sora_dist.data.format import Sample
 from sora_dist.models import train_flops
@@ -175,14 +176,15 @@ def _step_ms(text: str) -> tuple[str, float]:
     return name, float(value)
 
 
+@user_command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sora-dist bench-loader", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="sora-dist bench-loader", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profiles", nargs="+", default=list(PROFILES), help=f"any of {', '.join(PROFILES)}, or 'custom' with --data/--config")
     parser.add_argument("--data", default="", help="stream this dataset instead of generated shards")
     parser.add_argument("--config", default="configs/dit_xl.yaml", help="data settings for the 'custom' profile")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--batches", type=int, default=30, help="batches per measurement")
-    parser.add_argument("--samples", type=int, default=192, help="samples written per generated profile")
+    parser.add_argument("--batches", type=positive_int, default=30, help="batches per measurement")
+    parser.add_argument("--samples", type=positive_int, default=192, help="samples written per generated profile")
     parser.add_argument("--step-ms", type=_step_ms, nargs="*", default=[], metavar="PROFILE=MS", help="measured step times")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="for estimated step times (H100 SXM dense bf16)")
     parser.add_argument("--mfu", type=float, default=0.4, help="for estimated step times")
@@ -190,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
     args.step_ms = dict(args.step_ms)
+    unknown = [name for name in args.profiles if name not in PROFILES and name != "custom"]
+    if unknown:
+        parser.error(f"unknown profiles {unknown}: choose from {', '.join(PROFILES)}, or custom (with --data or --config)")
     if not 0 <= args.host_busy < 1:
         parser.error(f"--host-busy={args.host_busy} must be in [0, 1)")
     print(f"loader benchmark, {time.strftime('%Y-%m-%d')}; per data-parallel rank; wait = share of step time spent waiting "

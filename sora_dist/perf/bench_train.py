@@ -26,6 +26,7 @@ import torch
 from sora_dist import device as device_lib
 from sora_dist.build import build_stack, start_distributed, stop_distributed
 from sora_dist.config import load_config, resolve_model_config
+from sora_dist.console import CommandParser, positive_int, user_command
 from sora_dist.diffusion import build_objective
 from sora_dist.kernels import get_attention_backend
 from sora_dist.kernels.fused import get_fused_backend
@@ -140,18 +141,19 @@ def print_table(r: dict) -> None:
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     """bench-train's options, and the --section.key=value config overrides after them."""
-    parser = argparse.ArgumentParser(prog="sora-dist bench-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="sora-dist bench-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="debug")
-    parser.add_argument("--latent", type=int, nargs=3, default=[4, 16, 16], metavar=("T", "H", "W"), help="latent frames, height, width")
-    parser.add_argument("--batch", type=int, default=1, help="samples per data-parallel rank")
+    parser.add_argument("--latent", type=positive_int, nargs=3, default=[4, 16, 16], metavar=("T", "H", "W"), help="latent frames, height, width")
+    parser.add_argument("--batch", type=positive_int, default=1, help="samples per data-parallel rank")
     parser.add_argument("--text-len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=positive_int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", default="", help="also write the numbers to this JSON file")
     parser.add_argument("--profile", default="", help="after timing, profile 3 steps into this folder (Chrome traces, top operators)")
     return parser.parse_known_args(argv)
 
 
+@user_command
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

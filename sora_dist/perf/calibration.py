@@ -30,6 +30,7 @@ import torch.distributed as dist
 from sora_dist import device as device_lib
 from sora_dist.build import autocast_dtype, build_optimizer
 from sora_dist.config import load_config, resolve_model_config
+from sora_dist.console import CommandParser, positive_int, read_json, user_command
 from sora_dist.errors import ConfigError
 from sora_dist.models import DiTConfig, VideoDiT
 from sora_dist.parallel import apply_fsdp, build_mesh, make_engine, materialize
@@ -175,7 +176,7 @@ def load_calibration(paths: list[str]) -> Calibration:
     measured: dict[tuple, list[tuple[float, float]]] = {}
     skews: dict[int, dict[float, list[float]]] = {}
     for path in paths:
-        data = json.loads(Path(path).read_text())
+        data = read_json(path, "calibration file", "sora-dist calibrate --out or bench-comm --json")
         if "rows" in data:
             for key, fit in fit_links(data):
                 measured.setdefault(key, []).append(fit)
@@ -213,12 +214,13 @@ def calibrate(args) -> dict:
             "wrapper_host_s_per_block": wrappers, "shared_cores": (os.cpu_count() or 1) if dev.kind == "cpu" else 0, "runs": results}
 
 
+@user_command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sora-dist calibrate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="sora-dist calibrate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="S")
-    parser.add_argument("--latent", type=int, nargs=3, default=[4, 16, 16], metavar=("T", "H", "W"))
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4], help="samples per step of the timed runs")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--latent", type=positive_int, nargs=3, default=[4, 16, 16], metavar=("T", "H", "W"))
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 2, 4], help="samples per step of the timed runs")
+    parser.add_argument("--steps", type=positive_int, default=5)
     parser.add_argument("--out", required=True, help="calibration JSON for sora-dist plan --calibration")
     args, args.overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -40,6 +40,8 @@ from typing import Optional
 
 import torch
 
+from sora_dist.console import CommandParser, user_command
+
 log = logging.getLogger("sora_dist")
 REPO = Path(__file__).resolve().parents[2]
 PARTS = ("env", "tests", "demo", "train", "calibrate", "kernels", "loader")
@@ -305,8 +307,9 @@ def run(args) -> dict:
     return report
 
 
+@user_command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sora-dist gpu-proof", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="sora-dist gpu-proof", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for gpu_proof.json, gpu_proof.md, logs and run folders (parts add up)")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     parser.add_argument("--small", action="store_true", help="seconds-sized runs, to test the command itself (CPU CI)")

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Optional
 
 from sora_dist.config import ModelConfig, ParallelConfig, resolve_model_config
-from sora_dist.errors import ConfigError, SoraDistError
+from sora_dist.console import CommandParser, positive_int, user_command
+from sora_dist.errors import ConfigError
 from sora_dist.models import count_parameters
 from sora_dist.parallel.mesh import MESH_DIMS, resolve_dims
 from sora_dist.perf.calibration import load_calibration
@@ -228,22 +229,22 @@ def plot_scaling(tables: dict, title: str, path: Path) -> None:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sora-dist plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(prog="sora-dist plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="1B")
     p.add_argument("--hidden", type=int, help="model width (overrides the preset)")
     p.add_argument("--depth", type=int)
     p.add_argument("--heads", type=int)
     p.add_argument("--in-channels", type=int, default=16, help="latent channels of the VAE")
     p.add_argument("--text-dim", type=int, default=4096, help="text encoder width")
-    p.add_argument("--latent", type=int, nargs=3, metavar=("T", "H", "W"), help="latent frames, height, width")
-    p.add_argument("--frames", type=int, help="clip frames (with --height, --width, --vae instead of --latent)")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
+    p.add_argument("--latent", type=positive_int, nargs=3, metavar=("T", "H", "W"), help="latent frames, height, width")
+    p.add_argument("--frames", type=positive_int, help="clip frames (with --height, --width, --vae instead of --latent)")
+    p.add_argument("--height", type=positive_int)
+    p.add_argument("--width", type=positive_int)
     p.add_argument("--vae", type=int, nargs=3, default=[4, 8, 8], metavar=("T", "H", "W"), help="VAE compression (default 4 8 8)")
     p.add_argument("--text-len", type=int, default=128)
-    p.add_argument("--global-batch", type=int, help="samples per optimizer step (default: one per device)")
-    p.add_argument("--devices", type=int, default=8)
-    p.add_argument("--devices-per-node", type=int, default=8)
+    p.add_argument("--global-batch", type=positive_int, help="samples per optimizer step (default: one per device)")
+    p.add_argument("--devices", type=positive_int, default=8)
+    p.add_argument("--devices-per-node", type=positive_int, default=8)
     p.add_argument("--accelerator", default="h100", help="h100, h200, a100, 910b1-910b4, 910c")
     p.add_argument("--peak-tflops", type=float, help="override the part's dense bf16 peak")
     p.add_argument("--memory-gb", type=float)
@@ -291,13 +292,10 @@ def run(args) -> dict:
                          "comm_s": p.comm_s, "memory": p.memory, "fits": p.fits, "mfu": p.mfu} for p in predictions[: args.top]]}
 
 
+@user_command
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    try:
-        result = run(args)
-    except SoraDistError as err:
-        print(f"sora-dist plan: {err}", file=sys.stderr)
-        return 2
+    result = run(args)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items()}, **result}, indent=2, default=str))
     return 0

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from sora_dist.config import load_config, resolve_model_config
+from sora_dist.console import CommandParser, positive_int, read_json, user_command
 from sora_dist.device import peak_bf16_flops
 from sora_dist.parallel.mesh import resolve_dims
 from sora_dist.perf import bench_train
@@ -169,7 +170,7 @@ def plot_report(rows: list[dict], path: Path) -> None:
 
 
 def report(paths: list[Path], calibration_paths: list[str], out: Optional[Path]) -> list[dict]:
-    results = [json.loads(Path(p).read_text()) for p in paths]
+    results = [read_json(p, "bench-train result", "sora-dist bench-train --json") for p in paths]
     rows = compare(results, load_calibration(calibration_paths))
     print(format_report(rows))
     if out:
@@ -185,10 +186,11 @@ def report_main(argv: Optional[list[str]] = None) -> int:
     return main(["--report", *(sys.argv[1:] if argv is None else argv)])
 
 
+@user_command
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     reporting = argv[:1] == ["--report"]
-    parser = argparse.ArgumentParser(prog="sora-dist scaling-report" if reporting else "sora-dist bench-scaling", description=__doc__,
+    parser = CommandParser(prog="sora-dist scaling-report" if reporting else "sora-dist bench-scaling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calibration", nargs="+", default=[], help="sora-dist calibrate and bench-comm JSON")
     parser.add_argument("--out", default="", help="folder for the runs' JSON, report.json and report.png")
@@ -198,11 +200,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         report(args.results, args.calibration, Path(args.out) if args.out else None)
         return 0
     parser.add_argument("--preset", default="S")
-    parser.add_argument("--latent", type=int, nargs=3, default=[4, 16, 16])
+    parser.add_argument("--latent", type=positive_int, nargs=3, default=[4, 16, 16])
     parser.add_argument("--text-len", type=int, default=128)
-    parser.add_argument("--global-batch", type=int, default=4)
+    parser.add_argument("--global-batch", type=positive_int, default=4)
     parser.add_argument("--layouts", nargs="+", required=True, help="WORLD or WORLD:OVERRIDES, e.g. '4:--parallel.tp=2'")
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=positive_int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1, help="runs of every layout, round robin; the median of their medians counts")
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for each rank (cpu)")

@@ -50,6 +50,7 @@ import torch
 
 from sora_dist.checkpoint.files import COMPLETE, file_digest
 from sora_dist.checkpoint.manager import checkpoint_size
+from sora_dist.console import CommandParser, positive_int, user_command
 from sora_dist.data import make_synthetic
 from sora_dist.data.ledger import read_ledger
 from sora_dist.resilience.audit import epoch_coverage, kept_samples, last_step
@@ -405,13 +406,14 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+@user_command
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="sora-dist fault-drill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(prog="sora-dist fault-drill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for the jobs, their data and logs (a source checkout's launch/ runs them)")
     parser.add_argument("--faults", default=",".join(FAULTS), help=f"comma-separated, of: {', '.join(FAULTS)} (default: all)")
-    parser.add_argument("--repeat", type=int, default=1, help="run each fault this many times (e.g. 20 for sigstop-rank)")
+    parser.add_argument("--repeat", type=positive_int, default=1, help="run each fault this many times (e.g. 20 for sigstop-rank)")
     parser.add_argument("--json", default="", help="also write the rows to this file")
     parser.add_argument("--report", default="", help="also write the table as markdown to this file")
     args = parser.parse_args(argv)
