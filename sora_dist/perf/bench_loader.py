@@ -179,7 +179,7 @@ def _step_ms(text: str) -> tuple[str, float]:
 @user_command
 def main(argv: list[str] | None = None) -> int:
     parser = CommandParser(prog="sora-dist bench-loader", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profiles", nargs="+", default=list(PROFILES), help=f"any of {', '.join(PROFILES)}, or 'custom' with --data/--config")
+    parser.add_argument("--profiles", nargs="+", default=list(PROFILES), help=f"any of {', '.join(PROFILES)}, or 'custom' with --data (and --config)")
     parser.add_argument("--data", default="", help="stream this dataset instead of generated shards")
     parser.add_argument("--config", default="configs/dit_xl.yaml", help="data settings for the 'custom' profile")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -194,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     args.step_ms = dict(args.step_ms)
     unknown = [name for name in args.profiles if name not in PROFILES and name != "custom"]
     if unknown:
-        parser.error(f"unknown profiles {unknown}: choose from {', '.join(PROFILES)}, or custom (with --data or --config)")
+        parser.error(f"unknown profiles {unknown}: choose from {', '.join(PROFILES)}, or custom (with --data)")
+    if "custom" in args.profiles and not args.data:
+        parser.error("the custom profile streams your dataset: give --data DIR (and --config for its data settings)")
     if not 0 <= args.host_busy < 1:
         parser.error(f"--host-busy={args.host_busy} must be in [0, 1)")
     print(f"loader benchmark, {time.strftime('%Y-%m-%d')}; per data-parallel rank; wait = share of step time spent waiting "
