@@ -107,6 +107,13 @@ class MaskConfig:
     def enabled(self) -> bool:
         return self.choices()["text_to_video"] < 1.0
 
+    def describe(self) -> str:
+        """The share of clips that trains each case, as the trainer logs it."""
+        if not self.enabled:
+            return "off: every clip trains text-to-video"
+        shares = ", ".join(f"{name.replace('_to_', '-to-').replace('_', ' ')} {p:.0%}" for name, p in self.choices().items() if p > 0)
+        return f"{shares} of clips (given frames up to {self.max_given_fraction:.0%} of a clip; images never masked)"
+
 
 @dataclass
 class DataConfig:

@@ -222,6 +222,7 @@ def _train(cfg: Config, dev, world_size: int, rank: int) -> dict[str, float]:
         "%d micro-batches x up to %d tokens", dims.describe(), world_size, local_bytes(run.model.parameters()) / 2**20,
         dims.dp, cfg.train.grad_accum, cfg.data.tokens_per_batch,
     )
+    log.info("mask strategy: %s", cfg.mask.describe())
     resume = run.ckpt.resume(run.state)
     if resume is not None:
         change, context = layout_change(resume, dims, model_cfg), restart_context()
