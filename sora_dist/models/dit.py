@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from sora_dist.kernels import attention
 from sora_dist.kernels.fused import gated_residual, modulated_layer_norm, rms_norm
@@ -140,9 +141,9 @@ def per_frame(op: Callable[..., torch.Tensor], span: FrameSpan, tokens: tuple[to
         return op(*tokens, *mods)
     b, outputs, offset = tokens[0].shape[0], [], 0
     for frame, frames, count in span.segments():
-        folded = [x.narrow(1, offset, count).reshape(b * frames, count // frames, x.shape[-1]) for x in tokens]
-        frame_mods = [m[:, frame : frame + frames].reshape(b * frames, m.shape[-1]) for m in mods]
-        outputs.append(op(*folded, *frame_mods).reshape(b, count, -1))
+        folded = [rearrange(x.narrow(1, offset, count), "b (f s) d -> (b f) s d", f=frames) for x in tokens]
+        frame_mods = [rearrange(m[:, frame : frame + frames], "b f d -> (b f) d") for m in mods]
+        outputs.append(rearrange(op(*folded, *frame_mods), "(b f) s d -> b (f s) d", b=b))
         offset += count
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
@@ -225,7 +226,7 @@ class Attention(nn.Module):
         self.core = AttentionCore()
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)  # (B, N, D) -> (B, H, N, Dh)
+        return rearrange(x, "b n (h dh) -> b h n dh", dh=self.head_dim)
 
     def forward(self, x, rope=None, context=None, context_mask=None):
         source = x if context is None else context
@@ -235,7 +236,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = rope_rotate(q, *rope), rope_rotate(k, *rope)
         out = self.core(q, k, v, context_mask)  # (B, H, N, Dh)
-        return self.proj(out.transpose(1, 2).flatten(2))  # (B, N, D)
+        return self.proj(rearrange(out, "b h n dh -> b n (h dh)"))
 
 
 class Mlp(nn.Module):
@@ -332,16 +333,13 @@ class VideoDiT(nn.Module):
         b, c, t, h, w = x.shape
         (gt, gh, gw), (pt, ph, pw) = self.cfg.grid((t, h, w)), self.cfg.patch_size
         x = F.pad(x, (0, gw * pw - w, 0, gh * ph - h, 0, gt * pt - t))
-        x = x.reshape(b, c, gt, pt, gh, ph, gw, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
-        return x.reshape(b, gt * gh * gw, c * pt * ph * pw)
+        return rearrange(x, "b c (gt pt) (gh ph) (gw pw) -> b (gt gh gw) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
 
     def unpatchify(self, tokens: torch.Tensor, latent_shape: tuple[int, int, int]) -> torch.Tensor:
         """(B, N, C*p_t*p_h*p_w) -> (B, C, T, h, w), cropping the padding of ``patchify``."""
-        b = tokens.shape[0]
         t, h, w = latent_shape
         (gt, gh, gw), (pt, ph, pw) = self.cfg.grid(latent_shape), self.cfg.patch_size
-        x = tokens.reshape(b, gt, gh, gw, -1, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
-        x = x.reshape(b, -1, gt * pt, gh * ph, gw * pw)
+        x = rearrange(tokens, "b (gt gh gw) (c pt ph pw) -> b c (gt pt) (gh ph) (gw pw)", gt=gt, gh=gh, gw=gw, pt=pt, ph=ph, pw=pw)
         if x.shape[2:] != (t, h, w):
             x = x[:, :, :t, :h, :w].contiguous()
         return x

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from sora_dist.kernels import attention
 from sora_dist.parallel.ring import ring_attention
@@ -73,20 +74,16 @@ def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 
 def _seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
     """(B, H, n, D) sequence-sharded -> (B, H/U, U*n, D) head-sharded."""
-    size = dist.get_world_size(group)
-    b, h, n, d = x.shape
-    chunks = x.reshape(b, size, h // size, n, d).transpose(0, 1)  # (U, B, H/U, n, D): chunk j -> rank j
+    chunks = rearrange(x, "b (u h) n d -> u b h n d", u=dist.get_world_size(group))  # chunk j -> rank j
     received = _all_to_all(chunks, group)  # received[j] = rank j's tokens of my heads
-    return received.permute(1, 2, 0, 3, 4).reshape(b, h // size, size * n, d)
+    return rearrange(received, "u b h n d -> b h (u n) d")
 
 
 def _heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
     """(B, H/U, U*n, D) head-sharded -> (B, H, n, D) sequence-sharded."""
-    size = dist.get_world_size(group)
-    b, h_local, total, d = x.shape
-    chunks = x.reshape(b, h_local, size, total // size, d).permute(2, 0, 1, 3, 4)  # (U, B, H/U, n, D)
+    chunks = rearrange(x, "b h (u n) d -> u b h n d", u=dist.get_world_size(group))  # chunk j -> rank j
     received = _all_to_all(chunks, group)  # received[j] = my tokens of rank j's heads
-    return received.transpose(0, 1).reshape(b, h_local * size, total // size, d)
+    return rearrange(received, "u b h n d -> b (u h) n d")
 
 
 class _UlyssesAllToAll(torch.autograd.Function):
