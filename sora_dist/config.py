@@ -206,15 +206,15 @@ class TrainConfig:
     max_minutes: float = 0.0
     """Stop after this many minutes of training (0: no limit); the run still ends normally."""
     sample_at_end: bool = False
-    """After training, sample a clip and save a PNG grid of its frames and a loss plot."""
+    """After training, sample what sample_every samples into sample.png (on the synthetic blobs with each clip's measured motion, also in samples.json) and plot the loss."""
     sample_caption: str = ""
-    """Caption to sample at the end; empty takes the first caption of the dataset."""
+    """The prompt sampled when sample_prompts is empty; empty takes the first caption of the dataset."""
     sample_shape: tuple[int, int, int] = (8, 16, 16)
     """Latent (T, h, w) of the clips sampled at the end and every sample_every steps."""
     sample_every: int = 0
     """Every this many steps, sample sample_prompts and one image-to-video case (the first video of the dataset) with the EMA weights into out_dir/samples/step-N/ and TensorBoard; 0 turns it off."""
     sample_prompts: list[str] = field(default_factory=list)
-    """Prompts sampled every sample_every steps, through the dataset's text encoder; empty takes sample_caption."""
+    """Prompts sampled every sample_every steps and at the end, through the dataset's text encoder; empty takes sample_caption."""
 
 
 @dataclass

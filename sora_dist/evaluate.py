@@ -35,48 +35,13 @@ import torch
 
 from sora_dist.applications import Request, encode_prompt
 from sora_dist.console import CommandParser, user_command
-from sora_dist.data.synthetic import COLORS, DIRECTIONS, HELD_OUT, caption_for, render
+from sora_dist.data.synthetic import COLORS, DIRECTIONS, HELD_OUT, caption_for, centroids, colour_of, direction_of, render, speed_along
 from sora_dist.errors import ConfigError
 
 log = logging.getLogger("sora_dist")
 
 CLIP_SHAPE = (8, 16, 16)
 CONTEXT = 4  # frames given for extension
-BRIGHTNESS_FLOOR = 0.15  # channel 3 below this is background
-
-
-# ---------------------------------------------------------------------------------------------
-# Measuring a blob
-
-
-def centroids(clip: np.ndarray) -> np.ndarray:
-    """(T, 2) brightness centroid (y, x) of every frame of a (C, T, h, w) latent; NaN where no
-    pixel rises above the floor."""
-    weights = np.clip(clip[3] - BRIGHTNESS_FLOOR, 0, None)  # (T, h, w)
-    ys, xs = np.mgrid[0 : clip.shape[2], 0 : clip.shape[3]]
-    total = weights.sum(axis=(1, 2))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.stack([(weights * ys).sum(axis=(1, 2)) / total, (weights * xs).sum(axis=(1, 2)) / total], axis=1)
-
-
-def direction_of(displacement: np.ndarray) -> Optional[str]:
-    """The nearest of the four directions to a (dy, dx) displacement; None if it is not finite."""
-    if not np.isfinite(displacement).all() or not np.abs(displacement).sum():
-        return None
-    return max(DIRECTIONS, key=lambda d: float(np.dot(DIRECTIONS[d], displacement)))
-
-
-def colour_of(clip: np.ndarray) -> str:
-    """The caption colour nearest (by cosine) to the blob's brightness-weighted mean of channels 0-2."""
-    weights = np.clip(clip[3] - BRIGHTNESS_FLOOR, 0, None)
-    mean = (clip[:3] * weights).sum(axis=(1, 2, 3)) / max(weights.sum(), 1e-8)
-    return max(COLORS, key=lambda c: float(np.dot(COLORS[c], mean) / (np.linalg.norm(COLORS[c]) * np.linalg.norm(mean) + 1e-8)))
-
-
-def speed_along(track: np.ndarray, direction: str) -> float:
-    """Mean displacement per frame along ``direction`` over a (k, 2) centroid track."""
-    steps = np.diff(track, axis=0) @ np.asarray(DIRECTIONS[direction], dtype=float)
-    return float(np.nanmean(steps)) if len(steps) else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------

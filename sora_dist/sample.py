@@ -255,23 +255,27 @@ def run(args: argparse.Namespace, overrides: list[str]) -> Path:
 # Samples of a training run
 
 
-def caption_embedding(manifest: Manifest, cfg: Config, caption: str, text_dim: int) -> tuple[str, np.ndarray]:
-    """A caption (``caption``, else the dataset's first) and its states from the dataset's encoder."""
-    caption = caption or first_caption(cfg.data.path)
-    return caption, encode_prompt(manifest, caption, "", text_dim, torch.device("cpu"))
-
-
 def sample_report(cfg: Config, model, objective, manifest: Manifest, history: list[dict], out_dir: Path, dev) -> None:
-    """Save sample.png (frames of clips sampled for one caption) and loss.png."""
-    from sora_dist.build import autocast_dtype
+    """The end of a run (rank 0): sample.png, a row per case of ``TrainingSamples`` (each prompt as
+    text-to-video, and image-to-video); on the synthetic blobs each row also says which way and
+    how fast the blob moved, and samples.json keeps those measurements. Then loss.png."""
+    from sora_dist.data.synthetic import motion_of
 
-    caption, text = caption_embedding(manifest, cfg, cfg.train.sample_caption, model.cfg.text_dim)
-    request = Request("text_to_video", tuple(cfg.train.sample_shape))
-    latents = generate(cfg, model, objective, text, request, num=2, seed=cfg.train.seed, dev=dev, autocast_dtype=autocast_dtype(cfg, dev))
-    save_frame_grid(list(latents), [f"{caption}\n(seed {i})" for i in range(len(latents))], out_dir / "sample.png")
+    cases = TrainingSamples(cfg, manifest, model.cfg.text_dim)
+    clips, labels = cases.generate(model, objective, dev)
+    measured = []
+    if manifest.vae == "synthetic-blobs":
+        for i, ((prompt, request), clip) in enumerate(zip(cases.cases, clips)):
+            motion = motion_of(clip, prompt)
+            measured.append({"application": request.application, "prompt": prompt, **motion})
+            labels[i] += f"\nmoved {motion['direction'] or 'nowhere'}, {motion['speed']:.2f} px/frame {motion['captioned'] or ''}"
+        (out_dir / "samples.json").write_text(json.dumps(measured, indent=2))
+    save_frame_grid(clips, labels, out_dir / "sample.png")
     if history:
         save_loss_plot([r["step"] for r in history], [r["loss"] for r in history], out_dir / "loss.png")
-    log.info("sampled %r -> %s; loss curve -> %s", caption, out_dir / "sample.png", out_dir / "loss.png")
+    for row in measured:
+        log.info("sample %s %r: moved %s at %.2f px/frame", row["application"], row["prompt"], row["direction"], row["speed"])
+    log.info("sampled %d clips -> %s; loss curve -> %s", len(clips), out_dir / "sample.png", out_dir / "loss.png")
 
 
 def first_video_frame(root: str) -> Optional[tuple[str, torch.Tensor]]:
@@ -300,16 +304,21 @@ class TrainingSamples:
             self.cases.append((caption, image_to_video(first, frames)))
         self.texts = [encode_prompt(manifest, prompt, "", text_dim, torch.device("cpu")) for prompt, _ in self.cases]
 
-    def write(self, step: int, model, objective, out_dir: Path, dev, metrics) -> Path:
-        """Sample every case with ``model`` (the EMA weights) into out_dir/samples/step-N/ and TensorBoard."""
+    def generate(self, model, objective, dev) -> tuple[list[np.ndarray], list[str]]:
+        """One clip per case, and its label."""
         from sora_dist.build import autocast_dtype
 
-        folder = Path(out_dir) / "samples" / f"step-{step}"
-        folder.mkdir(parents=True, exist_ok=True)
         clips, labels = [], []
         for (prompt, request), text in zip(self.cases, self.texts):
             clips.append(generate(self.cfg, model, objective, text, request, 1, self.cfg.train.seed, dev, autocast_dtype(self.cfg, dev))[0])
             labels.append(f"{request.application}: {prompt}")
+        return clips, labels
+
+    def write(self, step: int, model, objective, out_dir: Path, dev, metrics) -> Path:
+        """Sample every case with ``model`` (the EMA weights) into out_dir/samples/step-N/ and TensorBoard."""
+        folder = Path(out_dir) / "samples" / f"step-{step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        clips, labels = self.generate(model, objective, dev)
         for i, (clip, label) in enumerate(zip(clips, labels)):
             np.save(folder / f"{i}-{label.split(':')[0]}.npy", clip)
         save_frame_grid(clips, labels, folder / "frames.png")

@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import math
 import os
@@ -57,6 +58,10 @@ def test_run_folder_holds_config_weights_and_pictures(finished_run):
     assert set(load_file(out / "ema.safetensors")) == set(model.state_dict())
     for picture in ("sample.png", "loss.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    measured = json.loads((out / "samples.json").read_text())  # the blobs' motion, measured on each sampled clip
+    assert [row["application"] for row in measured] == ["text_to_video", "text_to_video", "image_to_video"]
+    assert [row["captioned"] for row in measured[:2]] == ["right", "up"]
+    assert all(set(row) == {"application", "prompt", "captioned", "direction", "speed"} for row in measured)
 
 
 def test_sample_command_reads_a_finished_run(finished_run, tmp_path):
@@ -124,3 +129,15 @@ def test_torchrun_entry_point(synthetic_dir, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(read_history(tmp_path / "metrics.jsonl")) == 3
+
+
+def test_the_demo_report_script_writes_the_published_figures_from_a_run(finished_run, tmp_path):
+    spec = importlib.util.spec_from_file_location("demo_report", REPO / "scripts" / "demo_report.py")
+    demo_report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo_report)
+    _, out, summary = finished_run
+    result = demo_report.report(out, wall_s=12.0)
+    assert result["steps"] == summary["steps"] == 60 and len(result["samples"]) == 3
+    text = demo_report.markdown(result)
+    assert "| steps | 60 of 60" in text and "| wall time (`time`, install excluded) | 12 s |" in text
+    assert text.count("| text-to-video |") == 2 and "| image-to-video |" in text

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -104,3 +105,47 @@ def make_synthetic(out_dir: str | Path, num_samples: int = 768, seed: int = 0, s
             writer.write(Sample(key=f"blob{index:07d}", latent=render(color, size, direction, shape, rng), text=embed_caption(caption), meta=meta))
     log.info("wrote %d synthetic samples to %s", num_samples, out_dir)
     return Path(out_dir)
+
+
+# Measuring a blob: where it is in each frame, which way it went and how fast.
+
+BRIGHTNESS_FLOOR = 0.15  # channel 3 below this is background
+
+
+def centroids(clip: np.ndarray) -> np.ndarray:
+    """(T, 2) brightness centroid (y, x) of every frame of a (C, T, h, w) latent; NaN where no
+    pixel rises above the floor."""
+    weights = np.clip(clip[3] - BRIGHTNESS_FLOOR, 0, None)  # (T, h, w)
+    ys, xs = np.mgrid[0 : clip.shape[2], 0 : clip.shape[3]]
+    total = weights.sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.stack([(weights * ys).sum(axis=(1, 2)) / total, (weights * xs).sum(axis=(1, 2)) / total], axis=1)
+
+
+def direction_of(displacement: np.ndarray) -> Optional[str]:
+    """The nearest of the four directions to a (dy, dx) displacement; None if it is not finite."""
+    if not np.isfinite(displacement).all() or not np.abs(displacement).sum():
+        return None
+    return max(DIRECTIONS, key=lambda d: float(np.dot(DIRECTIONS[d], displacement)))
+
+
+def colour_of(clip: np.ndarray) -> str:
+    """The caption colour nearest (by cosine) to the blob's brightness-weighted mean of channels 0-2."""
+    weights = np.clip(clip[3] - BRIGHTNESS_FLOOR, 0, None)
+    mean = (clip[:3] * weights).sum(axis=(1, 2, 3)) / max(weights.sum(), 1e-8)
+    return max(COLORS, key=lambda c: float(np.dot(COLORS[c], mean) / (np.linalg.norm(COLORS[c]) * np.linalg.norm(mean) + 1e-8)))
+
+
+def speed_along(track: np.ndarray, direction: str) -> float:
+    """Mean displacement per frame along ``direction`` over a (k, 2) centroid track."""
+    steps = np.diff(track, axis=0) @ np.asarray(DIRECTIONS[direction], dtype=float)
+    return float(np.nanmean(steps)) if len(steps) else float("nan")
+
+
+def motion_of(clip: np.ndarray, caption: str) -> dict:
+    """A clip's measured motion against its caption: the direction the caption names, the
+    direction the blob went (first to last frame) and its speed along the captioned direction."""
+    captioned = next((word for word in caption.split() if word in DIRECTIONS), None)
+    track = centroids(clip)
+    return {"captioned": captioned, "direction": direction_of(track[-1] - track[0]),
+            "speed": speed_along(track, captioned) if captioned else float("nan")}
