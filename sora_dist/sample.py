@@ -268,13 +268,13 @@ def sample_report(cfg: Config, model, objective, manifest: Manifest, history: li
         for i, ((prompt, request), clip) in enumerate(zip(cases.cases, clips)):
             motion = motion_of(clip, prompt)
             measured.append({"application": request.application, "prompt": prompt, **motion})
-            labels[i] += f"\nmoved {motion['direction'] or 'nowhere'}, {motion['speed']:.2f} px/frame {motion['captioned'] or ''}"
+            labels[i] += f"\nmeasured: moved {motion['direction'] or 'nowhere'}; {motion['speed']:+.2f} px/frame {motion['captioned']} (true +1)"
         (out_dir / "samples.json").write_text(json.dumps(measured, indent=2))
     save_frame_grid(clips, labels, out_dir / "sample.png")
     if history:
         save_loss_plot([r["step"] for r in history], [r["loss"] for r in history], out_dir / "loss.png")
     for row in measured:
-        log.info("sample %s %r: moved %s at %.2f px/frame", row["application"], row["prompt"], row["direction"], row["speed"])
+        log.info("sample %s %r: moved %s, %.2f px/frame along the caption's direction", row["application"], row["prompt"], row["direction"] or "nowhere", row["speed"])
     log.info("sampled %d clips -> %s; loss curve -> %s", len(clips), out_dir / "sample.png", out_dir / "loss.png")
 
 
