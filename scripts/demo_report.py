@@ -36,7 +36,10 @@ def report(run: Path, wall_s: float | None) -> dict:
     cfg = load_config(run / "config.yaml")
     history = read_history(run / "metrics.jsonl")
     goodput = summarize_goodput(read_attempts(run / "goodput"))
-    return {"date": time.strftime("%Y-%m-%d"), "environment": environment(), "wall_s": wall_s,
+    demo_out_dir = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").train.out_dir
+    out_dir = "" if cfg.train.out_dir == demo_out_dir else f" --train.out_dir={cfg.train.out_dir}"
+    return {"date": time.strftime("%Y-%m-%d"), "environment": environment(), "wall_s": wall_s, "run": cfg.train.out_dir,
+            "command": f"sora-dist train --config configs/demo.yaml{out_dir}",
             "steps": history[-1]["step"], "steps_asked": cfg.train.steps, "max_minutes": cfg.train.max_minutes,
             "loss": summarize(history), "goodput": goodput["goodput"], "goodput_line": format_summary(goodput),
             "samples": json.loads((run / "samples.json").read_text())}
@@ -48,12 +51,12 @@ def markdown(result: dict) -> str:
                      for s in result["samples"])
     return f"""# The CPU demo, {result['date']}
 
-Environment: {result['environment']}. Written by `scripts/demo_report.py` from a run of the shipped
-`configs/demo.yaml`:
+Environment: {result['environment']}.
+Written by `scripts/demo_report.py` from a run of the shipped `configs/demo.yaml`:
 
 ```bash
-time sora-dist train --config configs/demo.yaml --train.out_dir=runs/demo-report
-python scripts/demo_report.py runs/demo-report docs/reports/{result['date']}-demo --wall-s SECONDS
+time {result['command']}
+python scripts/demo_report.py {result['run']} docs/reports/{result['date']}-demo --wall-s SECONDS
 ```
 
 | | |
