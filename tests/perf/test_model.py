@@ -144,9 +144,9 @@ def test_plan_prints_ranked_layouts_and_launch_commands(capsys):
     (["--devices", "8", "--tp", "3"], "not divisible"),
     (["--devices", "12", "--devices-per-node", "8"], "not a whole number of nodes"),
 ])
-def test_plan_refuses_impossible_requests_with_the_fix(capsys, args, message):
+def test_plan_refuses_impossible_requests_with_the_fix(capsys, caplog, args, message):
     assert plan_main(["--latent", "4", "32", "32", *args]) == 2
-    assert message in capsys.readouterr().err
+    assert message in capsys.readouterr().err + caplog.text  # one logged line (stderr outside pytest)
 
 
 def test_scaling_tables_and_plot(tmp_path, capsys):
