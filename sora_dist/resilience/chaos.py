@@ -1,13 +1,17 @@
 """Chaos suite: one real training job per fault on this machine, the fault injected while it runs,
 and what it cost, read from the job's own records.
 
-  sora-dist fault-drill --out runs/chaos [--faults sigstop-rank,disk-full] [--repeat 20]
+  sora-dist fault-drill --out runs/chaos [--faults sigstop-rank,disk-full] [--repeat 20] [--jobs 2]
 
-Every job trains the demo model on 2 gloo ranks over a 64-sample synthetic set (4 shards) for 40
-steps, past the end of epoch 0, with a checkpoint every 5 steps (keep_last 2), the sample ledger
-on, the step watchdog at 10x the median step (at least 5 s) and torchrun restarting failed
-workers once (``launch/single_node.sh``, or torchrun with the same settings where a fault must be
-installed inside the process, see inject.py). The faults:
+Every job trains the demo model on 2 gloo ranks over a 64-sample synthetic set (4 shards) for 30
+steps (kill-node 40), past the end of epoch 0, with a checkpoint every 5 steps (keep_last 2), the
+sample ledger on, the step watchdog at 10x the median step (at least 5 s) and torchrun restarting
+failed workers once (``launch/single_node.sh``, or torchrun with the same settings where a fault
+must be installed inside the process, see inject.py). torchrun gives a worker it stops 5 s to exit
+before SIGKILL (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``; its default, 30 s, would add 25 s to a frozen
+rank's recovery; on a cluster set it to the time a SIGTERM'd save needs). ``--jobs 2`` runs two
+faults' jobs at once (slow-rank always alone: it pins processes to cores); a report's recovery
+times come from ``--jobs 1``, where no job shares the cores with another. The faults:
 
   none              undisturbed: the reference for the final loss
   kill-node         SIGKILL of one of two elastic "nodes" (agent and workers), after step 14
@@ -27,11 +31,12 @@ Per fault: seconds from the injection to the first log line that names it (notic
 step of the attempt that recovered (for a full disk: the next complete checkpoint), restarts,
 steps lost (trained, then redone after a resume), how many samples of epoch 0 the kept steps
 trained once, more than once and never, the final loss against the undisturbed job's, and
-whether the job finished by itself (exit 0 at step 40).
+whether the job finished by itself (exit 0 at its last step).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -59,15 +64,20 @@ from sora_dist.resilience.inject import disk_used
 from sora_dist.resilience.jobs import Job, free_port, kill_tree, worker_pid
 
 REPO = Path(__file__).resolve().parents[2]
-SAMPLES, PER_SHARD, STEPS, EVERY, NPROC = 64, 16, 40, 5, 2
+SAMPLES, PER_SHARD, STEPS, EVERY, NPROC = 64, 16, 30, 5, 2
+NODE_STEPS = 40
+"""kill-node's steps: after the loss of a node the one left trains epoch 0's rest at half the pace."""
+SHUTDOWN_TIMEOUT_S = 5
+ALONE = {"slow-rank"}
+"""Faults whose job must have the machine to itself (--jobs above 1 runs the others in pairs)."""
 POLL_S, JOB_TIMEOUT_S = 0.02, 300
 
 
-def train_args(run: Path, data: Path, *extra: str) -> list[str]:
+def train_args(run: Path, data: Path, *extra: str, steps: int = STEPS) -> list[str]:
     return [
         "--config", str(REPO / "configs" / "demo.yaml"), f"--data.path={data}", f"--train.out_dir={run}", "--data.num_workers=0",
         "--model.hidden_size=64", "--model.depth=2", "--train.max_minutes=0", "--logging.tensorboard=false", "--logging.log_every=5",
-        f"--train.steps={STEPS}", "--train.sample_at_end=false", "--train.sample_every=0", f"--checkpoint.every_steps={EVERY}",
+        f"--train.steps={steps}", "--train.sample_at_end=false", "--train.sample_every=0", f"--checkpoint.every_steps={EVERY}",
         "--checkpoint.keep_last=2", "--checkpoint.resume=auto", "--checkpoint.save_final=false", "--logging.sample_ledger=true",
         "--data.tokens_per_batch=256", "--data.max_batch_size=4", "--optim.warmup_steps=5", "--fault.step_timeout_min_s=5",
         "--fault.health_check=false", *extra,  # the health check is no fault here, and 2 shared cores would make it one
@@ -76,7 +86,8 @@ def train_args(run: Path, data: Path, *extra: str) -> list[str]:
 
 def job_env(**extra: str) -> dict:
     bin_dir = Path(sys.executable).parent  # this Python's torchrun
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(SHUTDOWN_TIMEOUT_S), **extra}
 
 
 @dataclasses.dataclass
@@ -295,7 +306,7 @@ def measure(ctx: Context, code: Optional[int], injected: Optional[float], refere
         "restarts": len(attempts) - 1, "steps_lost": max(redone.values(), default=0),
         "epoch0_once": len(coverage["once"]), "epoch0_repeated": len(coverage["repeated"]), "epoch0_never": len(coverage["never"]),
         "final_loss": loss, "loss_vs_reference": None if loss is None or not reference_loss else round(loss / reference_loss - 1, 4),
-        "finished": code == 0 and bool(attempts) and attempts[-1]["last_step"] == STEPS,
+        "finished": code == 0 and bool(attempts) and attempts[-1]["last_step"] == (NODE_STEPS if ctx.fault == "kill-node" else STEPS),
         "exit_code": code, "crafted_code_ran": (ctx.folder / "crafted-code-ran").exists(),
     }
 
@@ -337,7 +348,7 @@ def run_fault(name: str, folder: Path, data: Path, reference: Optional[dict]) ->
 def kill_node(ctx: Context, reference_loss: Optional[float]) -> dict:
     """Two torchrun agents of launch/multi_node.sh (NNODES=1:2, one rank each) form one elastic
     job; the second node's agent and workers are SIGKILLed after step 14; the first re-forms alone."""
-    port, args = free_port(), train_args(ctx.run, ctx.data)
+    port, args = free_port(), train_args(ctx.run, ctx.data, steps=NODE_STEPS)
 
     def node(name: str) -> Job:
         env = job_env(NNODES="1:2", NPROC="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), JOB_ID=f"chaos-{port}", MAX_RESTARTS="2",
@@ -370,8 +381,9 @@ def environment() -> str:
             f"{platform.python_version()}, torch {torch.__version__}, gloo on CPU")
 
 
-def run_suite(out: Path, faults: list[str], repeat: int = 1, progress: Callable[[str], None] = print) -> dict:
-    """The undisturbed job, then every fault ``repeat`` times; returns the rows and the environment."""
+def run_suite(out: Path, faults: list[str], repeat: int = 1, jobs: int = 1, progress: Callable[[str], None] = print) -> dict:
+    """The undisturbed job, then every fault ``repeat`` times, ``jobs`` at a time (those in ALONE
+    one at a time, after the others); returns the rows, in the order asked, and the environment."""
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
     if not data.exists():
@@ -380,13 +392,22 @@ def run_suite(out: Path, faults: list[str], repeat: int = 1, progress: Callable[
     reference = run_fault("none", out / "none", data, None)
     one_checkpoint = checkpoint_size(out / "none" / "run" / "checkpoints" / f"step-{STEPS}")
     reference["disk_bytes"] = 3 * one_checkpoint * 13 // 10  # keep_last 2 + the one being written, and 30%
-    rows, todo = [reference], [(r, name) for r in range(repeat) for name in faults if name != "none"]
-    for i, (r, name) in enumerate(todo):
-        rows.append(run_fault(name, out / (name if repeat == 1 else f"{name}-{r}"), data, reference))
+    todo = [(r, name) for r in range(repeat) for name in faults if name != "none"]
+    rows: dict[tuple[int, str], dict] = {}
+
+    def run(r: int, name: str) -> None:
+        rows[r, name] = run_fault(name, out / (name if repeat == 1 else f"{name}-{r}"), data, reference)
         elapsed = time.time() - started
-        progress(f"chaos {i + 1}/{len(todo)}: {name}: {'finished' if rows[-1]['finished'] else 'DID NOT FINISH'} "
-                 f"({elapsed:.0f} s so far, ETA {elapsed / (i + 2) * (len(todo) - i - 1):.0f} s)")
-    return {"environment": environment(), "seconds": round(time.time() - started, 1), "rows": rows}
+        progress(f"chaos {len(rows)}/{len(todo)}: {name}: {'finished' if rows[r, name]['finished'] else 'DID NOT FINISH'} "
+                 f"({elapsed:.0f} s so far, ETA {elapsed / (len(rows) + 1) * (len(todo) - len(rows)):.0f} s)")
+
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        for future in [pool.submit(run, r, name) for r, name in todo if name not in ALONE]:
+            future.result()
+    for r, name in todo:
+        if name in ALONE:
+            run(r, name)
+    return {"environment": environment(), "seconds": round(time.time() - started, 1), "rows": [reference, *(rows[key] for key in todo)]}
 
 
 def _cell(value, unit: str = "") -> str:
@@ -414,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for the jobs, their data and logs (a source checkout's launch/ runs them)")
     parser.add_argument("--faults", default=",".join(FAULTS), help=f"comma-separated, of: {', '.join(FAULTS)} (default: all)")
     parser.add_argument("--repeat", type=positive_int, default=1, help="run each fault this many times (e.g. 20 for sigstop-rank)")
+    parser.add_argument("--jobs", type=positive_int, default=1, help="faults run at once (2 halves the suite's time; a report's recovery times want 1)")
     parser.add_argument("--json", default="", help="also write the rows to this file")
     parser.add_argument("--report", default="", help="also write the table as markdown to this file")
     args = parser.parse_args(argv)
@@ -421,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in faults if name not in FAULTS]
     if unknown:
         parser.error(f"unknown faults {unknown}; known: {', '.join(FAULTS)}")
-    result = run_suite(args.out, faults, args.repeat)
+    result = run_suite(args.out, faults, args.repeat, args.jobs)
     table = format_table(result)
     print(table)
     if args.json:

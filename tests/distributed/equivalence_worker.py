@@ -113,10 +113,7 @@ def reference_run(state, batches):
     return losses, grads, norms, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def parallel_run(layout, state, batches, world_size):
-    cfg = ParallelConfig(**layout)
-    dims = resolve_dims(cfg, world_size, CFG)
-    mesh = build_mesh(dims, "cpu")
+def parallel_run(cfg, dims, mesh, state, batches, world_size):
     model = VideoDiT(CFG)
     model.load_state_dict(state)
     apply_model_parallel(model, cfg, dims, mesh)
@@ -189,16 +186,20 @@ def main():
     world_size = dist.get_world_size()
     torch.manual_seed(0)
     state = initial_state()
+    batches = {kind: [make_batch(shape, seed, per_frame_t) for seed in (1, 2)] for kind, (shape, per_frame_t) in BATCHES.items()}
+    references = {kind: reference_run(state, batches[kind]) for kind in BATCHES}  # the same for every layout
     results = {}
     for name, layout in LAYOUTS[world_size].items():
         if only and name not in only:
             continue
         results[name] = {}
-        for kind, (shape, per_frame_t) in BATCHES.items():
-            batches = [make_batch(shape, seed, per_frame_t) for seed in (1, 2)]
-            ref_losses, ref_grads, ref_norms, ref_params = reference_run(state, batches)
+        cfg = ParallelConfig(**layout)
+        dims = resolve_dims(cfg, world_size, CFG)
+        mesh = build_mesh(dims, "cpu")  # one mesh (and its process groups) per layout, for every batch kind
+        for kind in BATCHES:
+            ref_losses, ref_grads, ref_norms, ref_params = references[kind]
             try:
-                losses, grads, norms, params = parallel_run(layout, state, batches, world_size)
+                losses, grads, norms, params = parallel_run(cfg, dims, mesh, state, batches[kind], world_size)
             except Exception as err:  # report, so the test names the layout
                 results[name][kind] = {"error": f"{type(err).__name__}: {err}"}
                 continue

@@ -1,7 +1,9 @@
-"""Run by test_model.py under torchrun: build a layout on the real build path, take one training
-step, and report this rank's parameter, gradient and AdamW-moment bytes, its saved activations
-(saved-tensor accounting of one forward) and the matmul FLOPs of one forward and backward
-(torch's FLOP counter), for comparison with the performance model."""
+"""Run by test_model.py under torchrun, one launch per world size: for each layout named on the
+command line (its --parallel overrides, comma-separated; "" for the default), build it on the real
+build path, take one training step with a batch of 2 per data-parallel rank, and report each rank's
+parameter, gradient and AdamW-moment bytes, its saved activations (saved-tensor accounting of one
+forward) and the matmul FLOPs of one forward and backward (torch's FLOP counter), for comparison
+with the performance model. Rank 0 writes {layout: [one report per rank]} to the output file."""
 
 import json
 import sys
@@ -57,13 +59,10 @@ def training_flops(engine, *inputs) -> int:
     return counter.get_total_flops()
 
 
-def main():
-    out_prefix, batch = sys.argv[1], int(sys.argv[2])
-    cfg = load_config(None, [*MODEL, "--optim.ema_decay=0", *sys.argv[3:]])
-    dev = device_lib.detect("cpu")
-    world_size, rank = start_distributed(dev)
+def measure(overrides: list[str], dev, world_size: int, rank: int) -> dict:
+    cfg = load_config(None, [*MODEL, "--optim.ema_decay=0", *overrides])
     stack = build_stack(cfg, dev, resolve_model_config(cfg.model, IN_CHANNELS, TEXT_DIM), world_size)
-    batch //= stack.dims.dp  # the global batch, split over the data-parallel ranks
+    batch = 2  # per data-parallel rank
     g = torch.Generator().manual_seed(stack.dp_rank)
     x = torch.randn(batch, IN_CHANNELS, *LATENT, generator=g)
     inputs = (x, torch.rand(batch, generator=g) * 1000, torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=g), torch.ones(batch, TEXT_LEN, dtype=torch.bool))
@@ -73,10 +72,22 @@ def main():
     grads = local_bytes(p.grad for p in stack.model.parameters() if p.grad is not None)
     stack.engine.step(lambda norm: None)
     moments = [v for state in stack.optimizer.state.values() for k, v in state.items() if k in ("exp_avg", "exp_avg_sq")]
-    report = {"rank": rank, "parameters": local_bytes(stack.model.parameters()), "gradients": grads,
-              "optimizer": local_bytes(moments), "activations": activations, "flops": flops}
-    with open(f"{out_prefix}.{rank}.json", "w") as f:
-        json.dump(report, f)
+    return {"rank": rank, "parameters": local_bytes(stack.model.parameters()), "gradients": grads,
+            "optimizer": local_bytes(moments), "activations": activations, "flops": flops}
+
+
+def main():
+    out_path, layouts = sys.argv[1], sys.argv[2:]
+    dev = device_lib.detect("cpu")
+    world_size, rank = start_distributed(dev)
+    results = {}
+    for layout in layouts:
+        reports = [None] * world_size
+        torch.distributed.all_gather_object(reports, measure([o for o in layout.split(",") if o], dev, world_size, rank))
+        results[layout] = reports
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
     stop_distributed()
 
 
