@@ -7,9 +7,10 @@ import importlib
 import logging
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from sora_dist.config import describe_keys
-from sora_dist.console import CommandParser, positive_int, run_command
+from sora_dist.console import CommandParser, exit_process, positive_int, run_command
 
 log = logging.getLogger("sora_dist")
 
@@ -270,5 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(lambda: args.func(args, extra))
 
 
+def run() -> NoReturn:
+    """The ``sora-dist`` console script: main, then exit_process (a gloo job's clean exit)."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

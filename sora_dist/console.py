@@ -6,16 +6,20 @@ found later (a ``SoraDistError`` raised inside a command run by ``run_command`` 
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import json
 import logging
 import os
+import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NoReturn, Optional
 
 from sora_dist.errors import ConfigError, SoraDistError
 
 log = logging.getLogger("sora_dist")
+_gloo_threads = False
+"""Whether this process ran a gloo process group, whose worker threads may outlive it (exit_process)."""
 
 
 def human_bytes(nbytes: float) -> str:
@@ -56,6 +60,37 @@ def user_command(main: Callable[[Optional[list[str]]], Optional[int]]):
         return run_command(lambda: main(argv))
 
     return wrapped
+
+
+def note_gloo_threads() -> None:
+    """Record that this process ran a gloo process group (start_distributed and stop_distributed
+    call it), so that exit_process leaves without the interpreter's finalization."""
+    global _gloo_threads
+    _gloo_threads = True
+
+
+def exit_process(status: Optional[int] = 0) -> NoReturn:
+    """End the process with ``status``, as ``sys.exit`` does; where it ran a gloo process group,
+    run the atexit handlers, flush the standard streams and leave by ``os._exit``, skipping the
+    interpreter's finalization.
+
+    Why: destroy_process_group drops only torch's own references to a group. While FSDP's state,
+    a DeviceMesh or DeepSpeed still holds the group, its gloo worker threads live on, and a worker
+    that releases a finished collective after the main thread has moved on (a few microseconds
+    after the completion it signalled, or much later on a crowded core) drops the last reference
+    to that collective's tensors. Their Python objects need the GIL to die; once finalization has
+    begun, taking the GIL ends the thread with pthread_exit, whose unwinding through a noexcept
+    destructor (AsyncWork's) calls std::terminate: "terminate called without an active
+    exception", SIGABRT, and a job reported failed after it finished (docs/troubleshooting.md;
+    tests/distributed/test_exit.py reproduces it). Skipping finalization leaves those threads
+    nothing to do."""
+    status = 0 if status is None else status
+    if not _gloo_threads:
+        sys.exit(status)
+    atexit._run_exitfuncs()  # logging's flush, weakref finalizers, temporary folders
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)
 
 
 class CommandParser(argparse.ArgumentParser):

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from sora_dist.applications import LATENT_ONLY_VAES, MediaInputs, Request, build_request, encode_prompt, image_to_video, per_sample
 from sora_dist.checkpoint import COMPLETE
 from sora_dist.config import Config, ParallelConfig, load_config
-from sora_dist.console import CommandParser, user_command
+from sora_dist.console import CommandParser, exit_process, user_command
 from sora_dist.data.format import Manifest, read_manifest
 from sora_dist.diffusion import build_objective, guided, sample
 from sora_dist.errors import ConfigError, DataError
@@ -342,4 +342,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -3,6 +3,7 @@
 import sys
 
 from sora_dist.cli import main
+from sora_dist.console import exit_process
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    exit_process(main(["train", *sys.argv[1:]]))

@@ -29,7 +29,7 @@ import torch.distributed.checkpoint as dcp
 
 from sora_dist import device as device_lib
 from sora_dist.config import load_config
-from sora_dist.console import CommandParser, positive_int, user_command
+from sora_dist.console import CommandParser, exit_process, positive_int, user_command
 from sora_dist.data import make_synthetic
 from sora_dist.build import start_distributed, stop_distributed
 from sora_dist.checkpoint.files import HashingWriter, verify_share
@@ -159,4 +159,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -64,7 +64,7 @@ import torch.distributed._functional_collectives as functional
 from sora_dist import device as device_lib
 from sora_dist.build import start_distributed, stop_distributed
 from sora_dist.config import load_config, resolve_model_config
-from sora_dist.console import CommandParser, human_bytes, user_command
+from sora_dist.console import CommandParser, exit_process, human_bytes, user_command
 from sora_dist.models.dit import Mlp
 from sora_dist.parallel.mesh import MESH_DIMS, build_mesh, resolve_dims
 from sora_dist.perf.output import report_on_rank_zero
@@ -353,4 +353,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

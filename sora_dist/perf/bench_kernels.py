@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from sora_dist import device as device_lib
-from sora_dist.console import CommandParser, user_command
+from sora_dist.console import CommandParser, exit_process, user_command
 from sora_dist.kernels import BACKENDS, select_attention_backend, set_attention_backend
 from sora_dist.kernels import fused
 
@@ -129,4 +129,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

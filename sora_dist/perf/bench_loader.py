@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from sora_dist.config import Config, load_config, resolve_model_config
-from sora_dist.console import CommandParser, positive_int, user_command
+from sora_dist.console import CommandParser, exit_process, positive_int, user_command
 from sora_dist.data import LatentLoader, ShardWriter, make_synthetic, read_manifest
 from sora_dist.data.format import Sample
 from sora_dist.models import train_flops
@@ -212,4 +212,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -26,7 +26,7 @@ import torch
 from sora_dist import device as device_lib
 from sora_dist.build import build_stack, start_distributed, stop_distributed
 from sora_dist.config import load_config, resolve_model_config
-from sora_dist.console import CommandParser, positive_int, user_command
+from sora_dist.console import CommandParser, exit_process, positive_int, user_command
 from sora_dist.diffusion import build_objective
 from sora_dist.kernels import get_attention_backend
 from sora_dist.kernels.fused import get_fused_backend
@@ -162,4 +162,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

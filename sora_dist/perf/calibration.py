@@ -30,7 +30,7 @@ import torch.distributed as dist
 from sora_dist import device as device_lib
 from sora_dist.build import autocast_dtype, build_optimizer
 from sora_dist.config import load_config, resolve_model_config
-from sora_dist.console import CommandParser, positive_int, read_json, user_command
+from sora_dist.console import CommandParser, exit_process, positive_int, read_json, user_command
 from sora_dist.errors import ConfigError
 from sora_dist.models import DiTConfig, VideoDiT
 from sora_dist.parallel import apply_fsdp, build_mesh, make_engine, materialize
@@ -233,4 +233,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

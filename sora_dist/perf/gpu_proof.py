@@ -40,7 +40,7 @@ from typing import Optional
 
 import torch
 
-from sora_dist.console import CommandParser, user_command
+from sora_dist.console import CommandParser, exit_process, user_command
 
 log = logging.getLogger("sora_dist")
 REPO = Path(__file__).resolve().parents[2]
@@ -98,8 +98,7 @@ def _run(cmd: list[str], log_path: Path, timeout: float, env: Optional[dict] = N
 def part_tests(out: Path, args) -> dict:
     """pytest tests/gpu in a process of its own; the outcome of every test from its JUnit XML."""
     xml = out / "gpu_tests.xml"
-    # The project's addopts ask for pytest-rerunfailures, which a bare GPU image lacks: none here.
-    code, seconds = _run([sys.executable, "-m", "pytest", "tests/gpu", "-q", "-rs", "-o", "addopts=", "-p", "no:cacheprovider", f"--junitxml={xml}"],
+    code, seconds = _run([sys.executable, "-m", "pytest", "tests/gpu", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={xml}"],
                          out / "gpu_tests.log", args.timeout)
     outcomes = {"passed": 0, "failed": 0, "skipped": 0}
     failures, skip_reasons = [], set()
@@ -326,4 +325,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from sora_dist.config import ModelConfig, ParallelConfig, resolve_model_config
-from sora_dist.console import CommandParser, positive_int, user_command
+from sora_dist.console import CommandParser, exit_process, positive_int, user_command
 from sora_dist.errors import ConfigError
 from sora_dist.models import count_parameters
 from sora_dist.parallel.mesh import MESH_DIMS, resolve_dims
@@ -302,4 +302,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from sora_dist.config import load_config, resolve_model_config
-from sora_dist.console import CommandParser, positive_int, read_json, user_command
+from sora_dist.console import CommandParser, exit_process, positive_int, read_json, user_command
 from sora_dist.device import peak_bf16_flops
 from sora_dist.parallel.mesh import resolve_dims
 from sora_dist.perf import bench_train
@@ -217,4 +217,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -55,7 +55,7 @@ import torch
 
 from sora_dist.checkpoint.files import COMPLETE, file_digest
 from sora_dist.checkpoint.manager import checkpoint_size
-from sora_dist.console import CommandParser, positive_int, user_command
+from sora_dist.console import CommandParser, exit_process, positive_int, user_command
 from sora_dist.data import make_synthetic
 from sora_dist.data.ledger import read_ledger
 from sora_dist.resilience.audit import epoch_coverage, kept_samples, last_step
@@ -454,4 +454,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from sora_dist.cli import main as cli_main
+from sora_dist.console import exit_process
 from sora_dist.models import VideoDiT
 
 RANK = int(os.environ.get("RANK", "0"))
@@ -115,4 +116,4 @@ def install(fault: str, params: list[str]) -> None:
 if __name__ == "__main__":
     split = sys.argv.index("--")
     install(sys.argv[1], sys.argv[2:split])
-    sys.exit(cli_main(["train", *sys.argv[split + 1 :]]))
+    exit_process(cli_main(["train", *sys.argv[split + 1 :]]))

@@ -13,6 +13,7 @@ from sora_dist.build import stop_distributed
 from sora_dist.checkpoint import CheckpointManager
 from sora_dist.config import CheckpointConfig, DataConfig
 from sora_dist.data import LatentLoader
+from sora_dist.console import exit_process
 
 
 def main():
@@ -32,4 +33,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    exit_process(main())

@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 from sora_dist.build import stop_distributed
 from sora_dist.config import ParallelConfig
 from sora_dist.models import DiTConfig, VideoDiT
+from sora_dist.console import exit_process
 from sora_dist.parallel import (
     TorchEngine,
     apply_ddp,
@@ -222,4 +223,4 @@ def main():
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main()
+    exit_process(main())

@@ -19,6 +19,7 @@ from sora_dist import device as device_lib
 from sora_dist.checkpoint import gather_to_rank0
 from sora_dist.config import load_config
 from sora_dist.trainer import build_run, run_loop, stop_signals
+from sora_dist.console import exit_process
 
 
 def full_state(run) -> dict:
@@ -82,4 +83,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    exit_process(main())

@@ -19,6 +19,7 @@ from sora_dist.kernels import set_attention_backend  # noqa: E402
 from sora_dist.kernels.attention import reference_attention  # noqa: E402
 from sora_dist.parallel.ring import ring_attention  # noqa: E402
 from sora_dist.parallel.sequence import SequenceShards  # noqa: E402
+from sora_dist.console import exit_process
 
 BACKENDS = ["reference", "sdpa", "npu"]
 TOKENS = [24, 21, 5]  # divides 2 and 4; short last block; on 4 ranks a block of padding only
@@ -73,4 +74,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    exit_process(main())

@@ -20,6 +20,7 @@ from sora_dist.config import load_config
 from sora_dist.diffusion import build_objective
 from sora_dist.models import DiTConfig, VideoDiT
 from sora_dist.sample import generate, parallel_model, sampling_layout
+from sora_dist.console import exit_process
 
 CFG = DiTConfig(in_channels=4, text_dim=16, hidden_size=64, depth=2, num_heads=4, patch_size=(1, 2, 2))
 LAYOUTS = {
@@ -76,4 +77,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    exit_process(main())

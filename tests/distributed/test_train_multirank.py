@@ -132,6 +132,7 @@ def test_fsdp_policy_casts_parameters_and_reduces_in_fp32(tmp_path):
     script.write_text(
         "import torch, torch.distributed as dist\n"
         "from sora_dist.build import stop_distributed\n"
+        "from sora_dist.console import exit_process\n"
         "from sora_dist.config import ParallelConfig\n"
         "from sora_dist.models import DiTConfig, VideoDiT\n"
         "from sora_dist.parallel import apply_fsdp, build_mesh, resolve_dims\n"
@@ -147,7 +148,8 @@ def test_fsdp_policy_casts_parameters_and_reduces_in_fp32(tmp_path):
         "out.float().square().mean().backward()\n"
         "assert seen == [torch.bfloat16], seen\n"
         "assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())\n"
-        "stop_distributed()  # a barrier first: a gloo rank that left alone was seen to abort at exit\n"
+        "stop_distributed()\n"
+        "exit_process(0)  # FSDP still holds the group: its gloo threads must not outlive the interpreter\n"
     )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -10,6 +10,7 @@ from sora_dist import device as device_lib
 from sora_dist.build import build_single_device_model, build_stack, start_distributed, stop_distributed
 from sora_dist.checkpoint import gather_to_rank0
 from sora_dist.config import load_config, resolve_model_config
+from sora_dist.console import exit_process
 
 
 def main():
@@ -33,4 +34,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    exit_process(main())

@@ -21,6 +21,7 @@ from sora_dist.data import LatentLoader, make_synthetic
 from sora_dist.diffusion import build_objective
 from sora_dist.models import DiTConfig, VideoDiT
 from sora_dist.parallel import ParallelDims, build_mesh, parallelize
+from sora_dist.console import exit_process
 
 
 def train_steps(model, batch, steps, autocast):
@@ -79,4 +80,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    exit_process(main())

@@ -16,6 +16,7 @@ from sora_dist.build import build_stack, start_distributed, stop_distributed
 from sora_dist.config import load_config, resolve_model_config
 from sora_dist.kernels import set_attention_backend
 from sora_dist.parallel.mesh import local_bytes
+from sora_dist.console import exit_process
 
 # Uneven on purpose: head_dim 12 and null_text's single row do not divide over 4 FSDP ranks.
 MODEL = ["--model.hidden_size=48", "--model.depth=2", "--model.num_heads=4"]
@@ -92,4 +93,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    exit_process(main())

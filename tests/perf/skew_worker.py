@@ -13,6 +13,7 @@ import torch.distributed as dist
 from sora_dist import device as device_lib
 from sora_dist.build import stop_distributed
 from sora_dist.perf.bench_comm import skew_after
+from sora_dist.console import exit_process
 
 BASE_MS = 10.0
 
@@ -38,4 +39,4 @@ def main(prefix: str, extra_ms: float, late: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], float(sys.argv[2]), sys.argv[3])
+    exit_process(main(sys.argv[1], float(sys.argv[2]), sys.argv[3]))

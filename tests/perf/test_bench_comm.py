@@ -34,7 +34,7 @@ def test_sizes_climb_by_four_from_1k_and_parse_human_units():
 def run_bench(tmp_path, nproc: int, layout: list[str]) -> dict:
     out = tmp_path / f"comm{nproc}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "sora_dist.perf.bench_comm", "--max-bytes", "16K", "--iters", "2", "--warmup", "1", "--skew-bursts-ms", "5", "10", "--json", str(out), *layout]
+           "-m", "sora_dist.perf.bench_comm", "--max-bytes", "16K", "--iters", "2", "--warmup", "1", "--skew-bursts-ms", "5", "10", "--skew-rounds", "1", "--json", str(out), *layout]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "busbw" in result.stdout and "rank skew" in result.stdout  # the table

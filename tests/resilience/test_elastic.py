@@ -19,13 +19,15 @@ REPO = Path(__file__).parents[2]
 # A job whose first attempt fails after its process groups are up: the restart must set them up again.
 FAILS_ONCE = """
 import os, sys, torch.distributed as dist
+from sora_dist.build import stop_distributed
+from sora_dist.console import exit_process
 dist.init_process_group("gloo")
 group = dist.new_group(backend="gloo")
 dist.barrier(group=group)
 if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
     sys.exit(3)
-dist.barrier()
-dist.destroy_process_group()
+stop_distributed()
+exit_process(0)  # `group` outlives the destroyed world: its gloo threads must not outlive the interpreter
 """
 
 
