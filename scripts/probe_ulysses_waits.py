@@ -18,6 +18,7 @@ import time
 
 import torch.distributed as dist
 
+from sora_dist.console import exit_process
 from sora_dist.parallel import sequence
 from sora_dist.perf import bench_train
 
@@ -49,4 +50,4 @@ if __name__ == "__main__":
     args, _ = bench_train.parse_args(sys.argv[1:])
     code = bench_train.main(sys.argv[1:])
     report(args.warmup + args.steps)
-    sys.exit(code)
+    exit_process(code)

@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
-FLIGHT_RECORDER_VARIABLES = ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE")
+FLIGHT_RECORDER_VARIABLES = ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE")  # the second: its name before torch 2.8
 
 
 def check_launcher(environ=os.environ) -> None:
@@ -71,8 +71,7 @@ def start_distributed(dev: device_lib.Device, timeout_minutes: float = 10.0, fli
     check_launcher()
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if flight_recorder_entries and not any(name in os.environ for name in FLIGHT_RECORDER_VARIABLES):
-        for name in FLIGHT_RECORDER_VARIABLES:  # read when the group is made; older torch reads only the second
-            os.environ[name] = str(flight_recorder_entries)
+        os.environ["TORCH_FR_BUFFER_SIZE"] = str(flight_recorder_entries)  # read when the group is made (torch >= 2.8)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(dev.comm_backend, timeout=datetime.timedelta(minutes=timeout_minutes))
         if "gloo" in dev.comm_backend:

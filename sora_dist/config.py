@@ -32,7 +32,10 @@ class ModelConfig:
     num_heads: Optional[int] = None
     """Attention heads; None takes the preset's. Must divide hidden_size."""
     mlp_ratio: float = 4.0
-    """MLP hidden size as a multiple of hidden_size."""
+    """MLP hidden size as a multiple of hidden_size (unless ffn_dim is given)."""
+    ffn_dim: Optional[int] = None
+    """MLP hidden size given directly, for published models whose width is no whole multiple of
+    hidden_size (Wan 2.1 1.3B: 8960 for 1536); None: hidden_size x mlp_ratio."""
     patch_size: tuple[int, int, int] = (1, 2, 2)
     """Spacetime patch (p_t, p_h, p_w) in latent units."""
     in_channels: Optional[int] = None
@@ -339,6 +342,7 @@ def resolve_model_config(cfg: ModelConfig, in_channels: int, text_dim: int) -> D
         depth=cfg.depth or preset["depth"],
         num_heads=cfg.num_heads or preset["num_heads"],
         mlp_ratio=cfg.mlp_ratio,
+        ffn_dim=cfg.ffn_dim,
         patch_size=tuple(cfg.patch_size),
         qk_norm=cfg.qk_norm,
         rope_theta=cfg.rope_theta,
@@ -502,6 +506,7 @@ def _validate_model(m: ModelConfig) -> None:
         f"lower model.num_heads",
     )
     _require(m.mlp_ratio > 0, f"model.mlp_ratio={m.mlp_ratio} must be positive")
+    _require(m.ffn_dim is None or m.ffn_dim > 0, f"model.ffn_dim={m.ffn_dim} must be positive (or null for hidden_size x mlp_ratio)")
     _require(all(p > 0 for p in m.patch_size), f"model.patch_size={list(m.patch_size)} must be positive")
 
 

@@ -61,6 +61,7 @@ def test_wrong_types_name_key_value_and_fix(override, message):
         (["--parallel.dp_shard=0"], r"parallel.dp_shard=0 must be >= 1 or -1"),
         (["--mask.image_to_video=-0.1"], r"mask.image_to_video=-0.1 must be a probability in \[0, 1\]"),
         (["--train.sample_every=-1"], r"train.sample_every=-1 must be >= 0"),
+        (["--model.ffn_dim=0"], r"model.ffn_dim=0 must be positive \(or null for hidden_size x mlp_ratio\)"),
     ],
 )
 def test_impossible_values_are_rejected(overrides, message):

@@ -38,6 +38,7 @@ class DiTConfig:
     depth: int
     num_heads: int
     mlp_ratio: float = 4.0
+    ffn_dim: int | None = None  # the MLP width itself; None: hidden_size * mlp_ratio
     patch_size: tuple[int, int, int] = (1, 2, 2)
     qk_norm: bool = True
     rope_theta: float = 10000.0
@@ -48,7 +49,7 @@ class DiTConfig:
 
     @property
     def mlp_hidden(self) -> int:
-        return int(self.hidden_size * self.mlp_ratio)
+        return self.ffn_dim or int(self.hidden_size * self.mlp_ratio)
 
     @property
     def patch_volume(self) -> int:
@@ -306,7 +307,8 @@ class VideoDiT(nn.Module):
         self.frames = TokenFrames()
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg)
-        self.init_weights()
+        if not self.null_text.is_meta:  # a model built on meta is initialized once materialized
+            self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -20,7 +20,8 @@ import torch.distributed as dist
 from sora_dist.data.ledger import SampleLedger
 from sora_dist.resilience.goodput import GoodputLedger, format_summary
 from sora_dist.resilience.stragglers import StragglerMonitor
-from sora_dist.resilience.watchdog import StepWatchdog
+from sora_dist.resilience.elastic import restart_counts
+from sora_dist.resilience.watchdog import HangAlarm, StepWatchdog
 
 log = logging.getLogger("sora_dist")
 
@@ -31,6 +32,13 @@ def shared_attempt(goodput: GoodputLedger) -> int:
     if dist.is_initialized():
         dist.broadcast_object_list(value, src=0)
     return value[0]
+
+
+def hang_alarm() -> Optional[HangAlarm]:
+    """The job's hang alarm on the process group's store, where there are several ranks."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    return HangAlarm(dist.distributed_c10d._get_default_store(), dist.get_world_size(), restart_counts()[0])
 
 
 class FaultGuard:
@@ -48,7 +56,7 @@ class FaultGuard:
         # (the mesh lays ranks out with SP and TP innermost).
         first_of_group = rank % (dims.sp * dims.tp) == 0
         ledger = SampleLedger(out_dir, shared_attempt(goodput), dp_rank, enabled=cfg.logging.sample_ledger and first_of_group)
-        watchdog = StepWatchdog(out_dir, rank, f.step_timeout_s, f.step_timeout_factor, f.step_timeout_min_s).start()
+        watchdog = StepWatchdog(out_dir, rank, f.step_timeout_s, f.step_timeout_factor, f.step_timeout_min_s, alarm=hang_alarm()).start()
         return FaultGuard(watchdog, StragglerMonitor.build(dev, f.straggler_threshold, f.probe_ms), goodput, ledger)
 
     def started(self, resumed_from_step: int) -> None:

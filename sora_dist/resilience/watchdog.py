@@ -15,6 +15,11 @@ of the recent saves (never below the same minimum), the rank
 - and exits with ``HANG_EXIT_CODE``, so that torchrun's agent restarts the job from the newest
   checkpoint (``--max-restarts``).
 
+The first rank to fire raises the job's ``HangAlarm`` (a key in the process group's store): every
+other rank's watchdog reports and exits on seeing it, whatever its own limit, and every rank
+waits for the others' reports before it exits. Without it a waiting rank whose limit came a poll
+later saw its collective fail when the first rank exited, and its stacks were lost.
+
 The stalled rank is the one whose stack is not in a collective and whose flight record stops at
 an earlier collective than the others'.
 """
@@ -22,6 +27,7 @@ an earlier collective than the others'.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import faulthandler
 import logging
 import os
@@ -36,6 +42,7 @@ from typing import Optional
 log = logging.getLogger("sora_dist")
 
 HANG_EXIT_CODE = 75
+PEER_REPORT_WAIT_S = 10.0  # how long past its own report a rank waits for every rank's
 RECENT_STEPS = 50  # the median of this many recent steps sets the relative limit
 MIN_STEPS_FOR_MEDIAN = 5
 
@@ -55,6 +62,33 @@ def flight_recorder_json() -> Optional[bytes]:
         return None
 
 
+class HangAlarm:
+    """One job's hang alarm on a c10d store (``store``: ``set``, ``check``, ``get``, ``wait``)."""
+
+    def __init__(self, store, world_size: int, attempt: int):
+        self.store, self.world_size = store, world_size
+        self.prefix = f"sora_dist/hang/{attempt}/"  # a restarted job starts with no alarm
+
+    def raise_by(self, rank: int) -> None:
+        self.store.set(self.prefix + "alarm", str(rank))
+
+    def raised_by(self) -> Optional[int]:
+        """The rank that raised the alarm, or None."""
+        key = self.prefix + "alarm"
+        return int(self.store.get(key)) if self.store.check([key]) else None
+
+    def reported(self, rank: int) -> None:
+        self.store.set(f"{self.prefix}reported/{rank}", "1")
+
+    def wait_for_reports(self, timeout_s: float) -> None:
+        """Until every rank has reported, or ``timeout_s`` (a rank that died reports nothing)."""
+        keys = [f"{self.prefix}reported/{rank}" for rank in range(self.world_size)]
+        try:
+            self.store.wait(keys, datetime.timedelta(seconds=timeout_s))
+        except RuntimeError:  # the store's timeout (DistStoreError), or the store is gone
+            pass
+
+
 class StepWatchdog:
     """``begin(step)`` ... ``step_done()`` ... ``end()`` around each iteration of the loop (the step,
     then its checkpoint phase), ``saving()`` around the work of a save; a daemon thread checks
@@ -65,8 +99,9 @@ class StepWatchdog:
     ``factor`` times the median of the recent saves, never below ``min_s``. The first save of a
     run has no limit here (the collective timeout bounds it): nothing yet says how long it takes."""
 
-    def __init__(self, out_dir: Path, rank: int, timeout_s: float, factor: float, min_s: float, poll_s: float = 1.0):
-        self.dir, self.rank = Path(out_dir) / "hangs", rank
+    def __init__(self, out_dir: Path, rank: int, timeout_s: float, factor: float, min_s: float, poll_s: float = 1.0,
+                 alarm: Optional[HangAlarm] = None):
+        self.dir, self.rank, self.alarm = Path(out_dir) / "hangs", rank, alarm
         self.timeout_s, self.factor, self.min_s, self.poll_s = timeout_s, factor, min_s, poll_s
         self.recent: deque[float] = deque(maxlen=RECENT_STEPS)
         self.recent_saves: deque[float] = deque(maxlen=RECENT_STEPS)
@@ -145,12 +180,17 @@ class StepWatchdog:
             running = self._running()
             if running is not None and running[1] > running[2]:
                 self._report_and_exit(*running)
+            fired = self.alarm.raised_by() if self.alarm is not None else None
+            if fired is not None:
+                self._report_and_exit(*(running or (-2, 0.0, float("inf"))), alarm_from=fired)
 
-    def _report_and_exit(self, step: int, age: float, limit: float) -> None:
+    def _report_and_exit(self, step: int, age: float, limit: float, alarm_from: Optional[int] = None) -> None:
+        if self.alarm is not None and alarm_from is None:
+            self.alarm.raise_by(self.rank)  # the other ranks report too, from where they wait
         host = socket.gethostname()
         self.dir.mkdir(parents=True, exist_ok=True)
         stacks = self.dir / f"rank-{self.rank}.txt"
-        what = f"step {step}" if step >= 0 else "the final save"
+        what = f"step {step}" if step >= 0 else {-1: "the final save", -2: "between steps"}[step]
         with open(stacks, "w") as f:
             f.write(f"rank {self.rank} on {host} (pid {os.getpid()}): {what} running for {age:.1f} s "
                     f"(limit {limit:.1f} s), phase {self._phase}\n\n")
@@ -160,11 +200,15 @@ class StepWatchdog:
         if record is not None:
             (self.dir / f"rank-{self.rank}.fr.json").write_bytes(record)
         log.error(
-            "step watchdog: rank %d on host %s: %s has run %.1f s (limit %.1f s), in phase %s; stacks in %s%s; "
+            "step watchdog: rank %d on host %s: %s has run %.1f s (limit %.1f s), in phase %s%s; stacks in %s%s; "
             "exiting with code %d so that the agent restarts the job from the newest checkpoint",
-            self.rank, host, what, age, limit, self._phase, stacks,
+            self.rank, host, what, age, limit, self._phase,
+            f" (rank {alarm_from}'s watchdog fired)" if alarm_from is not None else "", stacks,
             " and the flight record beside them" if record is not None else "", HANG_EXIT_CODE,
         )
         for handler in logging.getLogger().handlers + log.handlers:
             handler.flush()
+        if self.alarm is not None:
+            self.alarm.reported(self.rank)
+            self.alarm.wait_for_reports(PEER_REPORT_WAIT_S + 2 * self.poll_s)
         os._exit(HANG_EXIT_CODE)

@@ -23,6 +23,16 @@ def test_parameter_formula_matches_module_and_nominal_size(preset):
     assert low <= actual <= high, f"{preset}: {actual / 1e6:.1f}M parameters"
 
 
+def test_an_ffn_width_given_directly_overrides_the_ratio():
+    """Wan 2.1 1.3B's MLP is 8960 wide at width 1536 (5.833...x): no ratio gives it exactly."""
+    cfg = resolve_model_config(ModelConfig(hidden_size=1536, depth=1, num_heads=12, ffn_dim=8960), in_channels=16, text_dim=4096)
+    with torch.device("meta"):
+        model = VideoDiT(cfg)
+    assert cfg.mlp_hidden == 8960 and model.blocks[0].mlp.fc1.weight.shape == (8960, 1536)
+    assert count_parameters(cfg) == sum(p.numel() for p in model.parameters())
+    assert resolve_model_config(ModelConfig(hidden_size=1536, depth=1, num_heads=12), 16, 4096).mlp_hidden == 6144
+
+
 @pytest.mark.parametrize("per_frame_t", [False, True], ids=["t-per-sample", "t-per-frame"])
 @pytest.mark.parametrize("shape", [(1, 16, 16), (5, 12, 20), (8, 10, 10)])
 @pytest.mark.parametrize("patch_size", [(1, 2, 2), (2, 2, 2)])

@@ -2,6 +2,7 @@
 
   fault_worker.py stall RANK STEP -- TRAIN ARGS     rank RANK hangs in the forward of step STEP
   fault_worker.py stall-save RANK STEP -- TRAIN ARGS  rank RANK hangs while finishing the save of step STEP
+  fault_worker.py stall-alarm RANK STEP -- TRAIN ARGS  as stall, and the other ranks' watchdogs have no limit
   fault_worker.py slow RANK -- TRAIN ARGS           rank RANK shares its core with two busy processes
   fault_worker.py slow-link RANKS -- TRAIN ARGS     the health check's collectives are slow on RANKS
   fault_worker.py absent RANK -- TRAIN ARGS         rank RANK never reaches the health check
@@ -16,7 +17,9 @@ import sora_dist.resilience.health as health
 import sora_dist.trainer as trainer
 from sora_dist.checkpoint import CheckpointManager
 from sora_dist.cli import main
+from sora_dist.console import exit_process
 from sora_dist.models import VideoDiT
+from sora_dist.resilience.watchdog import StepWatchdog
 
 RANK = int(os.environ["RANK"])
 
@@ -32,6 +35,12 @@ def stall(rank: int, at_step: int) -> None:
         return original(self, *args, **kwargs)
 
     VideoDiT.forward = forward
+
+
+def unlimited_unless(rank: int) -> None:
+    """Every rank but ``rank`` has a watchdog without a limit: it can only report on the alarm."""
+    if RANK != rank:
+        StepWatchdog.limit_s = StepWatchdog.save_limit_s = lambda self: float("inf")
 
 
 def stall_save(rank: int, at_step: int) -> None:
@@ -71,9 +80,9 @@ def slow_link(ranks: set[int]) -> None:
         if RANK not in ranks:
             return run
 
-        def slowed():
+        def slowed():  # 1 MiB takes about 1 ms on gloo here: 50 ms is 50 times slower
             run()
-            time.sleep(0.3)
+            time.sleep(0.05)
 
         return slowed
 
@@ -96,6 +105,9 @@ if __name__ == "__main__":
     fault, params, train_args = sys.argv[1], sys.argv[2:split], sys.argv[split + 1 :]
     if fault == "stall":
         stall(int(params[0]), int(params[1]))
+    elif fault == "stall-alarm":
+        stall(int(params[0]), int(params[1]))
+        unlimited_unless(int(params[0]))
     elif fault == "stall-save":
         stall_save(int(params[0]), int(params[1]))
     elif fault == "slow":
@@ -104,4 +116,4 @@ if __name__ == "__main__":
         slow_link({int(r) for r in params[0].split(",")})
     elif fault == "absent":
         absent(int(params[0]))
-    sys.exit(main(["train", *train_args]))
+    exit_process(main(["train", *train_args]))

@@ -20,6 +20,7 @@ import torch.distributed.checkpoint.filesystem as dcp_filesystem
 
 import sora_dist.checkpoint.manager as checkpoint
 from sora_dist.cli import main
+from sora_dist.console import exit_process
 
 KILL_STEP = 6
 
@@ -93,4 +94,4 @@ def arm(moment: str) -> None:
 if __name__ == "__main__":
     split = sys.argv.index("--")
     arm(sys.argv[1])
-    sys.exit(main(["train", *sys.argv[split + 1 :]]))
+    exit_process(main(["train", *sys.argv[split + 1 :]]))

@@ -68,6 +68,21 @@ def test_a_rank_that_stalls_in_a_save_is_caught_too(synthetic_dir, tmp_path):
     assert "step 6" in (tmp_path / "hangs" / "rank-0.txt").read_text()
 
 
+def test_a_rank_whose_limit_is_not_reached_reports_on_the_alarm_of_the_stalled_one(synthetic_dir, tmp_path):
+    """Rank 0 waits in a collective with no limit of its own: rank 1's watchdog raises the job's
+    alarm, and rank 0 writes its stacks from where it waits before either exits."""
+    args = train_args(synthetic_dir, tmp_path, 30, "--logging.log_every=5", "--fault.step_timeout_factor=4", "--fault.step_timeout_min_s=3")
+    result = launch(2, "stall-alarm", ["1", "9"], args)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and f"exitcode: {HANG_EXIT_CODE}" in output
+    told = next(line for line in output.splitlines() if "step watchdog: rank 0 on host" in line)
+    assert "(rank 1's watchdog fired)" in told and "limit inf s" in told
+    waiting = (tmp_path / "hangs" / "rank-0.txt").read_text()
+    assert "step 9" in waiting and "distributed" in waiting  # rank 0's stacks, still in the collective
+    assert "phase forward and backward" in (tmp_path / "hangs" / "rank-1.txt").read_text()
+    assert "Connection closed by peer" not in output  # no rank lost its peer before reporting
+
+
 def test_the_watchdog_limit_is_absolute_relative_or_the_smaller():
     dog = StepWatchdog(Path("."), 0, timeout_s=100, factor=5, min_s=2)
     assert dog.limit_s() == 100  # too few steps for a median yet
