@@ -43,7 +43,10 @@ class ModelConfig:
     text_dim: Optional[int] = None
     """Width of the text-encoder hidden states; None reads it from the dataset manifest."""
     qk_norm: bool = True
-    """RMS-normalize queries and keys per head (stabilizes bf16 training at scale)."""
+    """RMS-normalize queries and keys (stabilizes bf16 training at scale)."""
+    qk_norm_scope: Literal["head", "all_heads"] = "head"
+    """The QK-norm's RMS over each head's channels, or over all heads' together (Wan); under
+    tensor parallelism the all-heads sum of squares spans the ranks' heads."""
     rope_theta: float = 10000.0
     """Base of the 3D rotary position frequencies."""
     attention_backend: str = "auto"
@@ -345,6 +348,7 @@ def resolve_model_config(cfg: ModelConfig, in_channels: int, text_dim: int) -> D
         ffn_dim=cfg.ffn_dim,
         patch_size=tuple(cfg.patch_size),
         qk_norm=cfg.qk_norm,
+        qk_norm_scope=cfg.qk_norm_scope,
         rope_theta=cfg.rope_theta,
     )
 

@@ -41,6 +41,7 @@ class DiTConfig:
     ffn_dim: int | None = None  # the MLP width itself; None: hidden_size * mlp_ratio
     patch_size: tuple[int, int, int] = (1, 2, 2)
     qk_norm: bool = True
+    qk_norm_scope: str = "head"  # RMS over each head's channels, or over all heads' together ("all_heads", Wan)
     rope_theta: float = 10000.0
 
     @property
@@ -180,6 +181,26 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
+class AllHeadsRMSNorm(nn.Module):
+    """RMSNorm of queries or keys over all heads' channels together (Wan's QK-norm), on (B, H, N, Dh)
+    with one weight per channel of the flat (H*Dh) projection. Plain ops, not the fused switch:
+    under tensor parallelism the input is a DTensor split by heads, and DTensor sums the squares
+    over the ranks' heads."""
+
+    def __init__(self, num_heads: int, head_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.num_heads, self.eps = num_heads, eps
+        self.weight = nn.Parameter(torch.ones(num_heads * head_dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # at least fp32; float64 stays
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=(1, 3), keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight.view(self.num_heads, 1, -1)
+
+
 class TimestepEmbedder(nn.Module):
     """Sinusoidal features of the (continuous) timestep, then an MLP."""
 
@@ -208,6 +229,15 @@ class AttentionCore(nn.Module):
         return attention(q, k, v, key_mask)
 
 
+def qk_norm_layer(num_heads: int, head_dim: int, scope: str) -> nn.Module:
+    """The QK-norm of one projection: per head ("head") or over all heads together ("all_heads")."""
+    if scope == "all_heads":
+        return AllHeadsRMSNorm(num_heads, head_dim)
+    if scope == "head":
+        return RMSNorm(head_dim)
+    raise ValueError(f"qk_norm_scope={scope!r}: choose 'head' or 'all_heads'")
+
+
 class Attention(nn.Module):
     """Multi-head attention with optional QK-norm; self-attention when ``context`` is None.
 
@@ -215,15 +245,15 @@ class Attention(nn.Module):
     shards to_q/to_k/to_v column-wise leaves each rank with its local heads.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool):
+    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool, qk_norm_scope: str = "head"):
         super().__init__()
         self.head_dim = hidden_size // num_heads
         self.to_q = nn.Linear(hidden_size, hidden_size)
         self.to_k = nn.Linear(hidden_size, hidden_size)
         self.to_v = nn.Linear(hidden_size, hidden_size)
         self.proj = nn.Linear(hidden_size, hidden_size)
-        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.q_norm = qk_norm_layer(num_heads, self.head_dim, qk_norm_scope) if qk_norm else nn.Identity()
+        self.k_norm = qk_norm_layer(num_heads, self.head_dim, qk_norm_scope) if qk_norm else nn.Identity()
         self.core = AttentionCore()
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -257,9 +287,9 @@ class DiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         d = cfg.hidden_size
-        self.attn = Attention(d, cfg.num_heads, cfg.qk_norm)
+        self.attn = Attention(d, cfg.num_heads, cfg.qk_norm, cfg.qk_norm_scope)
         self.norm2 = nn.LayerNorm(d, eps=1e-6)
-        self.cross_attn = Attention(d, cfg.num_heads, cfg.qk_norm)
+        self.cross_attn = Attention(d, cfg.num_heads, cfg.qk_norm, cfg.qk_norm_scope)
         self.mlp = Mlp(d, cfg.mlp_hidden)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
 
@@ -317,7 +347,7 @@ class VideoDiT(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+            elif isinstance(module, (nn.LayerNorm, RMSNorm, AllHeadsRMSNorm)):
                 module.reset_parameters()
         for linear in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.text_embedder[0], self.text_embedder[2]):
             nn.init.normal_(linear.weight, std=0.02)

@@ -22,7 +22,7 @@ def _linear(n_in: int, n_out: int) -> int:
 
 def count_parameters(cfg: DiTConfig) -> int:
     d, p_c = cfg.hidden_size, cfg.patch_volume * cfg.in_channels
-    qk_norm = 2 * cfg.head_dim if cfg.qk_norm else 0
+    qk_norm = 2 * (d if cfg.qk_norm_scope == "all_heads" else cfg.head_dim) if cfg.qk_norm else 0
     attention = 4 * _linear(d, d) + qk_norm
     block = (
         2 * attention  # self- and cross-attention

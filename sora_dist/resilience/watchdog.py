@@ -73,9 +73,13 @@ class HangAlarm:
         self.store.set(self.prefix + "alarm", str(rank))
 
     def raised_by(self) -> Optional[int]:
-        """The rank that raised the alarm, or None."""
+        """The rank that raised the alarm, or None (also where the store is gone: the watchdog
+        goes on by its own limits)."""
         key = self.prefix + "alarm"
-        return int(self.store.get(key)) if self.store.check([key]) else None
+        try:
+            return int(self.store.get(key)) if self.store.check([key]) else None
+        except RuntimeError:  # DistNetworkError, DistStoreError
+            return None
 
     def reported(self, rank: int) -> None:
         self.store.set(f"{self.prefix}reported/{rank}", "1")

@@ -10,6 +10,7 @@ to the JSON path given as the first argument (rank 0).
 import json
 import os
 import sys
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,7 @@ from sora_dist.parallel import (
 )
 
 CFG = DiTConfig(in_channels=4, text_dim=16, hidden_size=64, depth=2, num_heads=4, patch_size=(1, 2, 2))
+MODELS = {"base": CFG, "all_heads_qk_norm": replace(CFG, qk_norm_scope="all_heads")}  # a layout's "model" names one
 GLOBAL_BATCH = 4
 LR, CLIP = 0.5, 0.05
 # name: (latent shape, one timestep per frame); 32, 15 and 27 tokens
@@ -42,6 +44,7 @@ LAYOUTS = {
         "hsdp": dict(dp_replicate=2),
         "ddp": dict(engine="ddp"),
         "tp2": dict(tp=2),
+        "tp2_all_heads_qk_norm": dict(tp=2, model="all_heads_qk_norm"),
         "ulysses2": dict(sp_ulysses=2),
         "ring2": dict(sp_ring=2),
         "zero1": dict(engine="deepspeed", zero_stage=1),
@@ -54,6 +57,7 @@ LAYOUTS = {
         "ddp": dict(engine="ddp"),
         "ulysses2_ring2": dict(sp_ulysses=2, sp_ring=2),
         "tp2_ulysses2": dict(tp=2, sp_ulysses=2),
+        "tp2_ulysses2_all_heads_qk_norm": dict(tp=2, sp_ulysses=2, model="all_heads_qk_norm"),
         "fsdp2_tp2": dict(tp=2),
         "fsdp2_ulysses2": dict(sp_ulysses=2, activation_checkpointing="full"),
         "fsdp2_ring2": dict(sp_ring=2, activation_checkpointing="selective"),
@@ -78,9 +82,9 @@ def make_batch(shape, seed, per_frame_t=False):
     return x, t, text, mask, target
 
 
-def initial_state():
+def initial_state(model_cfg: DiTConfig):
     torch.manual_seed(0)
-    model = VideoDiT(CFG)
+    model = VideoDiT(model_cfg)
     with torch.no_grad():  # random everywhere: zero-initialized layers would hide mistakes
         for p in model.parameters():
             p.normal_(0, 0.1)
@@ -97,8 +101,8 @@ def full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def reference_run(state, batches):
-    model = VideoDiT(CFG)
+def reference_run(model_cfg, state, batches):
+    model = VideoDiT(model_cfg)
     model.load_state_dict(state)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     losses, grads, norms = [], None, []
@@ -114,8 +118,8 @@ def reference_run(state, batches):
     return losses, grads, norms, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def parallel_run(cfg, dims, mesh, state, batches, world_size):
-    model = VideoDiT(CFG)
+def parallel_run(model_cfg, cfg, dims, mesh, state, batches, world_size):
+    model = VideoDiT(model_cfg)
     model.load_state_dict(state)
     apply_model_parallel(model, cfg, dims, mesh)
     if dims.engine == "fsdp":
@@ -186,21 +190,26 @@ def main():
     dist.init_process_group("gloo")
     world_size = dist.get_world_size()
     torch.manual_seed(0)
-    state = initial_state()
     batches = {kind: [make_batch(shape, seed, per_frame_t) for seed in (1, 2)] for kind, (shape, per_frame_t) in BATCHES.items()}
-    references = {kind: reference_run(state, batches[kind]) for kind in BATCHES}  # the same for every layout
+    states, references = {}, {}  # per model, the same for every layout
     results = {}
     for name, layout in LAYOUTS[world_size].items():
         if only and name not in only:
             continue
         results[name] = {}
+        layout = dict(layout)
+        model_name = layout.pop("model", "base")
+        model_cfg = MODELS[model_name]
+        if model_name not in states:
+            states[model_name] = initial_state(model_cfg)
+            references[model_name] = {kind: reference_run(model_cfg, states[model_name], batches[kind]) for kind in BATCHES}
         cfg = ParallelConfig(**layout)
-        dims = resolve_dims(cfg, world_size, CFG)
+        dims = resolve_dims(cfg, world_size, model_cfg)
         mesh = build_mesh(dims, "cpu")  # one mesh (and its process groups) per layout, for every batch kind
         for kind in BATCHES:
-            ref_losses, ref_grads, ref_norms, ref_params = references[kind]
+            ref_losses, ref_grads, ref_norms, ref_params = references[model_name][kind]
             try:
-                losses, grads, norms, params = parallel_run(cfg, dims, mesh, state, batches[kind], world_size)
+                losses, grads, norms, params = parallel_run(model_cfg, cfg, dims, mesh, states[model_name], batches[kind], world_size)
             except Exception as err:  # report, so the test names the layout
                 results[name][kind] = {"error": f"{type(err).__name__}: {err}"}
                 continue

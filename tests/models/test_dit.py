@@ -1,12 +1,13 @@
 import pytest
 import torch
+from einops import rearrange
 
 from sora_dist.config import ModelConfig
 from sora_dist.kernels import BACKENDS, attention, set_attention_backend
 from sora_dist.config import resolve_model_config
-from sora_dist.models import VideoDiT
+from sora_dist.models import VideoDiT, count_parameters
 from sora_dist.kernels.fused import rope as apply_rope
-from sora_dist.models.dit import rope_angles, rope_dims
+from sora_dist.models.dit import AllHeadsRMSNorm, rope_angles, rope_dims
 
 TEXT_DIM = 24
 
@@ -192,3 +193,22 @@ def test_per_frame_modulation_equals_broadcasting_to_every_token(first, count):
         return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale) + shift
 
     torch.testing.assert_close(per_frame(op, span, (x,), (shift, scale)), per_token_reference(op, span, (x,), (shift, scale)))
+
+
+def test_all_heads_qk_norm_is_one_rms_norm_over_the_flat_projection():
+    """Wan's QK-norm: torch.nn.RMSNorm over all heads' channels of q (or k) together, exactly."""
+    heads, head_dim = 6, 8
+    norm = AllHeadsRMSNorm(heads, head_dim).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    flat = torch.nn.RMSNorm(heads * head_dim, eps=1e-6, dtype=torch.float64)
+    flat.load_state_dict(norm.state_dict())
+    q = torch.randn(2, 7, heads * head_dim, dtype=torch.float64)
+    ours = rearrange(norm(rearrange(q, "b n (h d) -> b h n d", h=heads)), "b h n d -> b n (h d)")
+    assert torch.equal(ours, flat(q))
+    per_head = resolve_model_config(ModelConfig(preset="debug"), 4, TEXT_DIM)
+    all_heads = resolve_model_config(ModelConfig(preset="debug", qk_norm_scope="all_heads"), 4, TEXT_DIM)
+    model = VideoDiT(all_heads)
+    assert model.blocks[0].attn.q_norm.weight.shape == (all_heads.hidden_size,)
+    assert count_parameters(all_heads) == sum(p.numel() for p in model.parameters())
+    assert count_parameters(all_heads) - count_parameters(per_head) == 4 * all_heads.depth * (all_heads.hidden_size - all_heads.head_dim)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ from sora_dist.errors import TrainingError
 from sora_dist.resilience import health
 from sora_dist.resilience.health import slow_groups
 from sora_dist.resilience.stragglers import find_stragglers
-from sora_dist.resilience.watchdog import HANG_EXIT_CODE, StepWatchdog
+from sora_dist.resilience.watchdog import HANG_EXIT_CODE, HangAlarm, StepWatchdog
 
 import torch
 
@@ -81,6 +82,22 @@ def test_a_rank_whose_limit_is_not_reached_reports_on_the_alarm_of_the_stalled_o
     assert "step 9" in waiting and "distributed" in waiting  # rank 0's stacks, still in the collective
     assert "phase forward and backward" in (tmp_path / "hangs" / "rank-1.txt").read_text()
     assert "Connection closed by peer" not in output  # no rank lost its peer before reporting
+
+
+def test_the_hang_alarm_names_its_rank_per_attempt_and_waits_for_every_report():
+    store = torch.distributed.HashStore()
+    alarm, restarted = HangAlarm(store, 2, attempt=0), HangAlarm(store, 2, attempt=1)
+    assert alarm.raised_by() is None
+    alarm.raise_by(1)
+    assert alarm.raised_by() == 1 and restarted.raised_by() is None  # a restarted job starts clear
+    alarm.reported(1)
+    waited = time.monotonic()
+    alarm.wait_for_reports(0.3)  # rank 0 never reports: the wait ends at its limit
+    assert time.monotonic() - waited >= 0.3
+    alarm.reported(0)
+    waited = time.monotonic()
+    alarm.wait_for_reports(30)
+    assert time.monotonic() - waited < 5
 
 
 def test_the_watchdog_limit_is_absolute_relative_or_the_smaller():
