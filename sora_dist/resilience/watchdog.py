@@ -70,7 +70,13 @@ class HangAlarm:
         self.prefix = f"sora_dist/hang/{attempt}/"  # a restarted job starts with no alarm
 
     def raise_by(self, rank: int) -> None:
-        self.store.set(self.prefix + "alarm", str(rank))
+        self._set(self.prefix + "alarm", str(rank))
+
+    def _set(self, key: str, value: str) -> None:
+        try:
+            self.store.set(key, value)
+        except RuntimeError:  # the store is gone (its host died): the report and exit go on
+            pass
 
     def raised_by(self) -> Optional[int]:
         """The rank that raised the alarm, or None (also where the store is gone: the watchdog
@@ -82,7 +88,7 @@ class HangAlarm:
             return None
 
     def reported(self, rank: int) -> None:
-        self.store.set(f"{self.prefix}reported/{rank}", "1")
+        self._set(f"{self.prefix}reported/{rank}", "1")
 
     def wait_for_reports(self, timeout_s: float) -> None:
         """Until every rank has reported, or ``timeout_s`` (a rank that died reports nothing)."""
