@@ -100,6 +100,20 @@ def test_the_hang_alarm_names_its_rank_per_attempt_and_waits_for_every_report():
     assert time.monotonic() - waited < 5
 
 
+def test_a_hang_alarm_whose_store_is_gone_lets_the_report_go_on():
+    class GoneStore:
+        def __getattr__(self, name):
+            def fail(*args):
+                raise torch.distributed.DistNetworkError("store host is gone")
+            return fail
+
+    alarm = HangAlarm(GoneStore(), 2, attempt=0)
+    alarm.raise_by(1)
+    alarm.reported(1)
+    alarm.wait_for_reports(1)
+    assert alarm.raised_by() is None
+
+
 def test_the_watchdog_limit_is_absolute_relative_or_the_smaller():
     dog = StepWatchdog(Path("."), 0, timeout_s=100, factor=5, min_s=2)
     assert dog.limit_s() == 100  # too few steps for a median yet
