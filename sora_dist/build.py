@@ -22,7 +22,6 @@ import torch.distributed as dist
 
 from sora_dist import device as device_lib
 from sora_dist.config import Config, resolve_model_config
-from sora_dist.console import note_gloo_threads
 from sora_dist.errors import ConfigError
 from sora_dist.kernels import select_attention_backend, set_attention_backend
 from sora_dist.kernels.fused import select_fused_backend, set_fused_backend
@@ -56,8 +55,6 @@ def stop_distributed() -> None:
     ranks that may be gone. End such a process with ``console.exit_process``: gloo's worker
     threads can outlive the group and abort the interpreter's finalization (see there)."""
     if dist.is_initialized():
-        if "gloo" in str(dist.get_backend()):
-            note_gloo_threads()
         dist.barrier()
         dist.destroy_process_group()
 
@@ -74,8 +71,6 @@ def start_distributed(dev: device_lib.Device, timeout_minutes: float = 10.0, fli
         os.environ["TORCH_FR_BUFFER_SIZE"] = str(flight_recorder_entries)  # read when the group is made (torch >= 2.8)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(dev.comm_backend, timeout=datetime.timedelta(minutes=timeout_minutes))
-        if "gloo" in dev.comm_backend:
-            note_gloo_threads()
     return world_size, rank
 
 

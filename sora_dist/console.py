@@ -18,8 +18,6 @@ from typing import Callable, NoReturn, Optional
 from sora_dist.errors import ConfigError, SoraDistError
 
 log = logging.getLogger("sora_dist")
-_gloo_threads = False
-"""Whether this process ran a gloo process group, whose worker threads may outlive it (exit_process)."""
 
 
 def human_bytes(nbytes: float) -> str:
@@ -62,17 +60,11 @@ def user_command(main: Callable[[Optional[list[str]]], Optional[int]]):
     return wrapped
 
 
-def note_gloo_threads() -> None:
-    """Record that this process ran a gloo process group (start_distributed and stop_distributed
-    call it), so that exit_process leaves without the interpreter's finalization."""
-    global _gloo_threads
-    _gloo_threads = True
-
-
 def exit_process(status: Optional[int] = 0) -> NoReturn:
-    """End the process with ``status``, as ``sys.exit`` does; where it ran a gloo process group,
-    run the atexit handlers, flush the standard streams and leave by ``os._exit``, skipping the
-    interpreter's finalization.
+    """End the process with ``status``: run the atexit handlers, flush the standard streams and
+    leave by ``os._exit``, skipping the interpreter's finalization. Every command and test worker
+    ends here, whether or not it knows it ran a gloo process group: destroy_process_group forgets
+    the group, and a script that calls init_process_group itself tells no one.
 
     Why: destroy_process_group drops only torch's own references to a group. While FSDP's state,
     a DeviceMesh or DeepSpeed still holds the group, its gloo worker threads live on, and a worker
@@ -85,8 +77,6 @@ def exit_process(status: Optional[int] = 0) -> NoReturn:
     tests/distributed/test_exit.py reproduces it). Skipping finalization leaves those threads
     nothing to do."""
     status = 0 if status is None else status
-    if not _gloo_threads:
-        sys.exit(status)
     atexit._run_exitfuncs()  # logging's flush, weakref finalizers, temporary folders
     for stream in (sys.stdout, sys.stderr):
         stream.flush()

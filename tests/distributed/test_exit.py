@@ -18,9 +18,8 @@ from sora_dist.resilience.jobs import free_port
 
 SCRIPT = """
 import atexit, sys, torch, torch.distributed as dist
-from sora_dist.console import exit_process, note_gloo_threads
+from sora_dist.console import exit_process
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
-note_gloo_threads()
 atexit.register(lambda: print("atexit handlers ran"))
 print("work done", flush=False)  # buffered: the exit must flush it
 x = torch.ones(20_000_000)
