@@ -52,22 +52,29 @@ def _use(name: str, *tensors: torch.Tensor) -> bool:
 # References
 
 
+def _at_least_fp32(x):
+    """x in fp32, or as it is if wider (float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def reference_modulated_layer_norm(x, shift, scale, eps=1e-6):
-    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale[:, None]) + shift[:, None]
+    """In at least fp32 (the modulation may be wider than x: Wan's fp32 tables), returned as x."""
+    normed = F.layer_norm(_at_least_fp32(x), x.shape[-1:], eps=eps)
+    return (normed * (1 + scale[:, None]) + shift[:, None]).type_as(x)
 
 
 def reference_rms_norm(x, weight, eps=1e-6):
-    x32 = x.float()
+    x32 = _at_least_fp32(x)
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
 def reference_rope(x, cos, sin):
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = _at_least_fp32(x).chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
 
 def reference_gated_residual(x, gate, y):
-    return x + gate[:, None] * y
+    return (x + gate[:, None] * y).type_as(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,7 +181,7 @@ class _GatedResidual(torch.autograd.Function):
 
 def modulated_layer_norm(x, shift, scale, eps: float = 1e-6):
     """(B, N, D) x, (B, D) shift and scale."""
-    if _use("triton", x, shift, scale):
+    if _use("triton", x, shift, scale) and shift.dtype == scale.dtype == x.dtype:
         return _ModulatedLayerNorm.apply(x, shift, scale, eps)
     return reference_modulated_layer_norm(x, shift, scale, eps)
 
@@ -204,7 +211,7 @@ def rope(x, cos, sin):
 
 
 def gated_residual(x, gate, y):
-    """x + gate[:, None] * y for (B, N, D) x and y, (B, D) gate."""
-    if _use("triton", x, gate, y):
+    """x + gate[:, None] * y for (B, N, D) x and y, (B, D) gate; returned as x."""
+    if _use("triton", x, gate, y) and gate.dtype == x.dtype:
         return _GatedResidual.apply(x, gate, y)
     return reference_gated_residual(x, gate, y)

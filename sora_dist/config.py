@@ -49,6 +49,16 @@ class ModelConfig:
     tensor parallelism the all-heads sum of squares spans the ranks' heads."""
     rope_theta: float = 10000.0
     """Base of the 3D rotary position frequencies."""
+    modulation: Literal["per_block", "shared"] = "per_block"
+    """adaLN-Zero: each block projects the timestep embedding itself (per_block), or one projection
+    serves every block, plus a learned table per block and a table for the final layer (shared:
+    PixArt-alpha's adaLN-single, Wan's; saves depth x 6 x hidden^2 parameters)."""
+    text_context: Literal["masked", "padded"] = "masked"
+    """The caption as cross-attention context: its tokens under a key mask plus a learned null
+    token (masked), or its tokens zero-padded to text_len with no mask and no null token (padded,
+    as Wan was trained)."""
+    text_len: int = 512
+    """Caption tokens under text_context padded (Wan: 512); longer captions are cut."""
     attention_backend: str = "auto"
     """Attention kernel: auto (the device's best), or a name from ``sora_dist.kernels.BACKENDS``."""
     fused_backend: str = "auto"
@@ -350,6 +360,9 @@ def resolve_model_config(cfg: ModelConfig, in_channels: int, text_dim: int) -> D
         qk_norm=cfg.qk_norm,
         qk_norm_scope=cfg.qk_norm_scope,
         rope_theta=cfg.rope_theta,
+        modulation=cfg.modulation,
+        text_context=cfg.text_context,
+        text_len=cfg.text_len,
     )
 
 
@@ -512,6 +525,7 @@ def _validate_model(m: ModelConfig) -> None:
     _require(m.mlp_ratio > 0, f"model.mlp_ratio={m.mlp_ratio} must be positive")
     _require(m.ffn_dim is None or m.ffn_dim > 0, f"model.ffn_dim={m.ffn_dim} must be positive (or null for hidden_size x mlp_ratio)")
     _require(all(p > 0 for p in m.patch_size), f"model.patch_size={list(m.patch_size)} must be positive")
+    _require(m.text_len > 0, f"model.text_len={m.text_len} must be positive")
 
 
 def _validate_mask(mask: MaskConfig) -> None:

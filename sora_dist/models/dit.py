@@ -6,6 +6,11 @@ patch grid at every call, so any duration, resolution and aspect ratio works wit
 Each block: adaLN-Zero modulated self-attention (QK-norm, RoPE), cross-attention to the text
 tokens with a padding mask, and an adaLN-Zero modulated MLP (Peebles & Xie 2023, PixArt-alpha).
 
+Options express published models exactly (``DiTConfig``): the MLP width (``ffn_dim``), the
+QK-norm's scope, shared modulation (PixArt-alpha's adaLN-single, Wan's: one projection of the
+timestep embedding for all blocks, plus a learned table per block and for the final layer), and
+fixed-length unmasked caption context (Wan's). sora_dist.interop maps checkpoints onto them.
+
 No distributed code and no device names here: parallelism is applied from outside
 (sora_dist.parallel), and attribute names are API for its tensor-parallel plan.
 """
@@ -43,6 +48,9 @@ class DiTConfig:
     qk_norm: bool = True
     qk_norm_scope: str = "head"  # RMS over each head's channels, or over all heads' together ("all_heads", Wan)
     rope_theta: float = 10000.0
+    modulation: str = "per_block"  # adaLN-Zero in every block, or "shared": one time projection plus per-block tables (Wan)
+    text_context: str = "masked"  # caption tokens under a key mask with a null token, or "padded" to text_len, unmasked (Wan)
+    text_len: int = 512  # the caption tokens of text_context "padded"
 
     @property
     def head_dim(self) -> int:
@@ -75,12 +83,14 @@ def rope_dims(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * d_hw, d_hw, d_hw
 
 
-def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles of every token, each (N, head_dim / 2), N = T'h'w'."""
+def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float, device: torch.device,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles of every token, each (N, head_dim / 2), N = T'h'w',
+    computed in ``dtype`` (fp32; float64 for a float64 model)."""
     per_axis = []
     for size, dim in zip(grid, rope_dims(head_dim)):
-        freqs = theta ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)  # (dim/2,)
-        per_axis.append(torch.outer(torch.arange(size, device=device, dtype=torch.float32), freqs))
+        freqs = theta ** (-torch.arange(0, dim, 2, device=device, dtype=dtype) / dim)  # (dim/2,)
+        per_axis.append(torch.outer(torch.arange(size, device=device, dtype=dtype), freqs))
     t, h, w = grid
     angles = torch.cat(
         [
@@ -158,8 +168,8 @@ class RotaryEmbedding3D(nn.Module):
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
 
-    def forward(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope_angles(grid, self.head_dim, self.theta, device)
+    def forward(self, grid: tuple[int, int, int], device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_angles(grid, self.head_dim, self.theta, device, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +223,7 @@ class TimestepEmbedder(nn.Module):
     def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
         half = dim // 2
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = t.float()[:, None] * freqs[None]  # (B, half)
+        args = t.to(torch.promote_types(t.dtype, torch.float32))[:, None] * freqs[None]  # (B, half); float64 t stays float64
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
@@ -236,6 +246,13 @@ def qk_norm_layer(num_heads: int, head_dim: int, scope: str) -> nn.Module:
     if scope == "head":
         return RMSNorm(head_dim)
     raise ValueError(f"qk_norm_scope={scope!r}: choose 'head' or 'all_heads'")
+
+
+def check_options(cfg: DiTConfig) -> None:
+    """Refuse option values the model does not know (the config layer checks them first)."""
+    for name, allowed in (("modulation", ("per_block", "shared")), ("text_context", ("masked", "padded"))):
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name}={getattr(cfg, name)!r}: choose one of {allowed}")
 
 
 class Attention(nn.Module):
@@ -291,11 +308,22 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(d, eps=1e-6)
         self.cross_attn = Attention(d, cfg.num_heads, cfg.qk_norm, cfg.qk_norm_scope)
         self.mlp = Mlp(d, cfg.mlp_hidden)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        if cfg.modulation == "shared":
+            self.scale_shift_table = nn.Parameter(torch.empty(1, 6, d))
+        else:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+
+    def modulation(self, c: torch.Tensor) -> torch.Tensor:
+        """The block's six (shift, scale, gate) x (attention, MLP) vectors, concatenated: its own
+        projection of c, or under shared modulation c (the shared projection, 6D wide) plus the
+        block's table, added in at least fp32."""
+        if hasattr(self, "adaLN_modulation"):
+            return self.adaLN_modulation(c)
+        return self.scale_shift_table.flatten() + c.to(torch.promote_types(c.dtype, torch.float32))
 
     def forward(self, x, c, context, context_mask, rope, frames: FrameSpan):
-        """c: (B, D) per sample or (B, T', D) per frame."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        """c: (B, D) per sample or (B, T', D) per frame; (.., 6D) under shared modulation."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c).chunk(6, dim=-1)
         h = per_frame(modulated_layer_norm, frames, (x,), (shift_msa, scale_msa))
         x = per_frame(_gated_residual, frames, (x, self.attn(h, rope=rope)), (gate_msa,))
         x = x + self.cross_attn(self.norm2(x), context=context, context_mask=context_mask)
@@ -308,13 +336,25 @@ def _gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> tor
 
 
 class FinalLayer(nn.Module):
+    """Modulated LayerNorm then the projection to patches. Its (shift, scale): a projection of c,
+    or under shared modulation c itself (the timestep embedding, no projection) plus a table."""
+
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden_size, 2 * cfg.hidden_size))
+        if cfg.modulation == "shared":
+            self.scale_shift_table = nn.Parameter(torch.empty(1, 2, cfg.hidden_size))
+        else:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden_size, 2 * cfg.hidden_size))
         self.linear = nn.Linear(cfg.hidden_size, cfg.patch_volume * cfg.in_channels)
 
+    def modulation(self, c: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "adaLN_modulation"):
+            return self.adaLN_modulation(c)
+        c = c.to(torch.promote_types(c.dtype, torch.float32))
+        return self.scale_shift_table.flatten() + torch.cat([c, c], dim=-1)
+
     def forward(self, x: torch.Tensor, c: torch.Tensor, frames: FrameSpan) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        shift, scale = self.modulation(c).chunk(2, dim=-1)
         return self.linear(per_frame(modulated_layer_norm, frames, (x,), (shift, scale)))
 
 
@@ -325,19 +365,23 @@ class FinalLayer(nn.Module):
 class VideoDiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
+        check_options(cfg)
         self.cfg = cfg
         d = cfg.hidden_size
         self.x_embedder = nn.Linear(cfg.in_channels * cfg.patch_volume, d)
         self.t_embedder = TimestepEmbedder(d)
         self.text_embedder = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
-        # An always-visible context token: a sample whose caption was dropped (all text masked)
-        # attends to it alone, which is the unconditional model of classifier-free guidance.
-        self.null_text = nn.Parameter(torch.empty(1, 1, d))
+        if cfg.text_context == "masked":
+            # An always-visible context token: a sample whose caption was dropped (all text masked)
+            # attends to it alone, which is the unconditional model of classifier-free guidance.
+            self.null_text = nn.Parameter(torch.empty(1, 1, d))
+        if cfg.modulation == "shared":  # the blocks' modulation, projected once from the timestep embedding
+            self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.rope = RotaryEmbedding3D(cfg.head_dim, cfg.rope_theta)
         self.frames = TokenFrames()
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg)
-        if not self.null_text.is_meta:  # a model built on meta is initialized once materialized
+        if not self.x_embedder.weight.is_meta:  # a model built on meta is initialized once materialized
             self.init_weights()
 
     @torch.no_grad()
@@ -351,12 +395,17 @@ class VideoDiT(nn.Module):
                 module.reset_parameters()
         for linear in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.text_embedder[0], self.text_embedder[2]):
             nn.init.normal_(linear.weight, std=0.02)
-        nn.init.normal_(self.null_text, std=0.02)
+        if hasattr(self, "null_text"):
+            nn.init.normal_(self.null_text, std=0.02)
         # adaLN-Zero: every block starts as the identity, and the output starts at zero.
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for linear in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+        zeroed = [self.final_layer.linear]
+        if self.cfg.modulation == "shared":
+            zeroed.append(self.time_proj[-1])
+            for table in [block.scale_shift_table for block in self.blocks] + [self.final_layer.scale_shift_table]:
+                nn.init.zeros_(table)
+        else:
+            zeroed += [block.adaLN_modulation[-1] for block in self.blocks] + [self.final_layer.adaLN_modulation[-1]]
+        for linear in zeroed:
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
@@ -389,10 +438,22 @@ class VideoDiT(nn.Module):
         assert t.dim() == 1 or t.shape[1] == grid[0], f"per-frame t has {t.shape[1]} frames, the patch grid {grid[0]}"
         tokens = self.x_embedder(self.patchify(x))  # (B, N, D)
         c = self.t_embedder(t.flatten()).unflatten(0, t.shape)  # (B, D) or (B, T', D)
-        context = torch.cat([self.null_text.expand(b, -1, -1), self.text_embedder(text)], dim=1)  # (B, 1+L, D)
-        context_mask = torch.cat([text_mask.new_ones(b, 1), text_mask], dim=1)  # (B, 1+L)
-        rope = self.rope(grid, x.device)  # (N, Dh/2) each
+        context, context_mask = self.caption_context(text, text_mask)
+        block_c = self.time_proj(c) if hasattr(self, "time_proj") else c
+        rope = self.rope(grid, x.device, torch.float64 if x.dtype == torch.float64 else torch.float32)  # (N, Dh/2) each
         frames = self.frames(grid)
         for block in self.blocks:
-            tokens = block(tokens, c, context, context_mask, rope, frames)
+            tokens = block(tokens, block_c, context, context_mask, rope, frames)
         return self.unpatchify(self.final_layer(tokens, c, frames), (t_len, h, w))
+
+    def caption_context(self, text: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The cross-attention context and its key mask. "masked": the null token then the
+        caption's tokens, (B, 1+L, D), with the mask. "padded" (Wan): the caption's real tokens
+        (a prefix, by the mask) then zeros up to text_len, all attended to: no mask."""
+        if self.cfg.text_context == "padded":
+            text = text.masked_fill(~text_mask[..., None], 0.0)[:, : self.cfg.text_len]
+            text = F.pad(text, (0, 0, 0, self.cfg.text_len - text.shape[1]))
+            return self.text_embedder(text), None
+        b = text.shape[0]
+        context = torch.cat([self.null_text.expand(b, -1, -1), self.text_embedder(text)], dim=1)
+        return context, torch.cat([text_mask.new_ones(b, 1), text_mask], dim=1)

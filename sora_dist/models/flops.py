@@ -24,20 +24,28 @@ def count_parameters(cfg: DiTConfig) -> int:
     d, p_c = cfg.hidden_size, cfg.patch_volume * cfg.in_channels
     qk_norm = 2 * (d if cfg.qk_norm_scope == "all_heads" else cfg.head_dim) if cfg.qk_norm else 0
     attention = 4 * _linear(d, d) + qk_norm
+    shared = cfg.modulation == "shared"
     block = (
         2 * attention  # self- and cross-attention
         + 2 * d  # affine LayerNorm before cross-attention
         + _linear(d, cfg.mlp_hidden) + _linear(cfg.mlp_hidden, d)
-        + _linear(d, 6 * d)  # adaLN-Zero modulation
+        + (6 * d if shared else _linear(d, 6 * d))  # modulation: the block's table, or its adaLN-Zero projection
     )
     return (
         _linear(p_c, d)  # patch embedding
         + _linear(TIMESTEP_FREQ_DIM, d) + _linear(d, d)  # timestep MLP
+        + (_linear(d, 6 * d) if shared else 0)  # the blocks' shared modulation projection
         + _linear(cfg.text_dim, d) + _linear(d, d)  # caption projection
-        + d  # null text token
+        + (d if cfg.text_context == "masked" else 0)  # null text token
         + cfg.depth * block
-        + _linear(d, 2 * d) + _linear(d, p_c)  # final layer
+        + (2 * d if shared else _linear(d, 2 * d)) + _linear(d, p_c)  # final layer: modulation, projection
     )
+
+
+def context_len(cfg: DiTConfig, text_len: int) -> int:
+    """Cross-attention keys for a caption of ``text_len`` tokens: those plus the null token, or
+    under text_context "padded" the model's fixed cfg.text_len."""
+    return cfg.text_len if cfg.text_context == "padded" else text_len + 1
 
 
 class Matmuls(NamedTuple):
@@ -55,13 +63,17 @@ class Matmuls(NamedTuple):
 
 
 def forward_matmuls(cfg: DiTConfig, latent_shape: tuple[int, int, int], text_len: int, per_frame_t: bool = False) -> list[Matmuls]:
-    """Every matmul of one forward pass of one sample of latent (T, h, w) and text_len tokens.
+    """Every matmul of one forward pass of one sample of latent (T, h, w) and text_len tokens
+    (under text_context "padded" the model's cfg.text_len instead, whatever the caption's).
     With ``per_frame_t`` (a timestep per latent frame) the timestep MLP and the adaLN
     modulation run once per patch frame instead of once per sample."""
     d, m, p_c = cfg.hidden_size, cfg.mlp_hidden, cfg.patch_volume * cfg.in_channels
-    n, ctx = cfg.num_tokens(latent_shape), text_len + 1  # +1: the null text token
+    ctx = context_len(cfg, text_len)
+    text_len = cfg.text_len if cfg.text_context == "padded" else text_len
+    n = cfg.num_tokens(latent_shape)
     conditions = cfg.grid(latent_shape)[0] if per_frame_t else 1
     blocks = cfg.depth
+    shared = cfg.modulation == "shared"
     return [
         Matmuls(2 * n * p_c * d, by_sp=False, by_tp=False, input_grad=False),  # patch embedding, before the SP split
         Matmuls(conditions * 2 * TIMESTEP_FREQ_DIM * d, False, False, input_grad=False),  # timestep MLP
@@ -74,8 +86,8 @@ def forward_matmuls(cfg: DiTConfig, latent_shape: tuple[int, int, int], text_len
         Matmuls(blocks * 2 * ctx * 2 * d * d, False, True, in_blocks=True),  # cross-attention k, v of the text
         Matmuls(blocks * 4 * n * ctx * d, True, True, in_blocks=True),  # cross-attention scores and values
         Matmuls(blocks * 2 * n * 2 * d * m, True, True, in_blocks=True),  # MLP
-        Matmuls(blocks * conditions * 2 * d * 6 * d, False, False, in_blocks=True),  # adaLN modulation
-        Matmuls(conditions * 2 * d * 2 * d, False, False),  # final layer: modulation
+        Matmuls((1 if shared else blocks) * conditions * 2 * d * 6 * d, False, False, in_blocks=not shared),  # modulation
+        Matmuls(0 if shared else conditions * 2 * d * 2 * d, False, False),  # final layer: modulation
         Matmuls(2 * n * d * p_c, True, False),  # and its projection to patches
     ]
 

@@ -66,7 +66,7 @@ import torch
 
 from sora_dist.config import ParallelConfig
 from sora_dist.errors import ConfigError
-from sora_dist.models import DiTConfig, VideoDiT, executed_train_flops, train_flops
+from sora_dist.models import DiTConfig, VideoDiT, context_len, executed_train_flops, train_flops
 from sora_dist.parallel.mesh import MESH_DIMS, ParallelDims, resolve_dims
 from sora_dist.parallel.tensor import TP_PLAN
 from sora_dist.perf.bench_comm import bus_factor
@@ -415,7 +415,7 @@ def communication(work: Workload, layout: Layout, links: Links, compute_s: float
         # in backward; of (text x hidden): the 2 fed by the text; and the 4 QK-norm weights'
         # gradients. Timed as DTensor issues them (bench-comm's all_reduce_functional on tp).
         size = local_tokens * m.hidden_size * work.act_bytes
-        text = b * (work.text_len + 1) * m.hidden_size * work.act_bytes
+        text = b * context_len(m, work.text_len) * m.hidden_size * work.act_bytes
         big = m.depth * (3 * (1 + recompute) + 5)
         op = "all_reduce_functional"
         comm["tp"] = (links.time(op, "tp", size, dims.tp, big, big) + links.time(op, "tp", text, dims.tp, 2 * m.depth, 2 * m.depth)

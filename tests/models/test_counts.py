@@ -33,11 +33,33 @@ def test_an_ffn_width_given_directly_overrides_the_ratio():
     assert resolve_model_config(ModelConfig(hidden_size=1536, depth=1, num_heads=12), 16, 4096).mlp_hidden == 6144
 
 
+# Wan's options: one shared modulation projection with per-block tables, fixed unmasked context.
+WAN_OPTIONS = {"modulation": "shared", "text_context": "padded", "text_len": 11, "qk_norm_scope": "all_heads", "ffn_dim": 100}
+
+
+def test_parameter_formula_counts_wan_options():
+    """Shared modulation replaces depth projections of 6 x hidden^2 by one and small tables: the
+    saving that keeps Wan 14B at 14B."""
+    cfg = resolve_model_config(ModelConfig(hidden_size=1536, depth=3, num_heads=12, **WAN_OPTIONS), in_channels=16, text_dim=4096)
+    with torch.device("meta"):
+        model = VideoDiT(cfg)
+    assert count_parameters(cfg) == sum(p.numel() for p in model.parameters())
+    per_block = resolve_model_config(ModelConfig(hidden_size=1536, depth=3, num_heads=12, **{**WAN_OPTIONS, "modulation": "per_block"}), 16, 4096)
+    d, depth = 1536, 3
+    projections = depth * (6 * d * d + 6 * d) + (2 * d * d + 2 * d)  # every block's and the final layer's
+    shared = (6 * d * d + 6 * d) + depth * 6 * d + 2 * d  # one projection, the tables
+    assert count_parameters(per_block) - count_parameters(cfg) == projections - shared
+    assert not hasattr(model, "null_text") and model.blocks[0].scale_shift_table.shape == (1, 6, d)
+
+
 @pytest.mark.parametrize("per_frame_t", [False, True], ids=["t-per-sample", "t-per-frame"])
-@pytest.mark.parametrize("shape", [(1, 16, 16), (5, 12, 20), (8, 10, 10)])
-@pytest.mark.parametrize("patch_size", [(1, 2, 2), (2, 2, 2)])
-def test_flop_formula_matches_measured_count(shape, patch_size, per_frame_t):
-    cfg = resolve_model_config(ModelConfig(preset="debug", patch_size=patch_size), in_channels=4, text_dim=32)
+@pytest.mark.parametrize("shape, patch_size, options", [
+    ((1, 16, 16), (1, 2, 2), {}), ((5, 12, 20), (1, 2, 2), {}), ((8, 10, 10), (1, 2, 2), {}),
+    ((1, 16, 16), (2, 2, 2), {}), ((5, 12, 20), (2, 2, 2), {}), ((8, 10, 10), (2, 2, 2), {}),
+    ((5, 12, 20), (1, 2, 2), WAN_OPTIONS), ((8, 10, 10), (2, 2, 2), WAN_OPTIONS),
+], ids=lambda v: "wan" if v == WAN_OPTIONS else None)
+def test_flop_formula_matches_measured_count(shape, patch_size, options, per_frame_t):
+    cfg = resolve_model_config(ModelConfig(preset="debug", patch_size=patch_size, **options), in_channels=4, text_dim=32)
     model = VideoDiT(cfg)
     batch, text_len = 2, 7
     t = torch.rand(batch, cfg.grid(shape)[0]) if per_frame_t else torch.rand(batch)

@@ -1,0 +1,141 @@
+"""Load a diffusers Wan folder into a VideoDiT laid out on any mesh, each rank reading only the
+rows and columns of its own shards.
+
+For every parameter, the rank computes which part of the global tensor it holds (its DTensor's
+local shape and offset; the whole tensor on one device), maps those rows to the Wan rows they come
+from (``TensorMap.rows``), and reads that range of the safetensors file through
+``safe_open(...).get_slice``, which reads those bytes alone. Nothing reads a whole file, and no
+rank ever holds a whole tensor it does not own (but for the patch embedding, whose Conv3d shape is
+read row by row). Values are cast as they are copied in: bf16 files load into fp32 weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from sora_dist.errors import SoraDistError
+from sora_dist.interop.wan import TensorMap, read_config, tensor_maps, transformer_folder, wan_model_options
+
+log = logging.getLogger("sora_dist")
+INDEX = "diffusion_pytorch_model.safetensors.index.json"
+SINGLE = "diffusion_pytorch_model.safetensors"
+
+
+def weight_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it, from the index (sharded) or the one file."""
+    if (folder / INDEX).is_file():
+        weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    if (folder / SINGLE).is_file():
+        return {name: folder / SINGLE for name in _header(folder / SINGLE)}
+    raise SoraDistError(f"{folder} has neither {INDEX} nor {SINGLE}: is the download complete?")
+
+
+def _header(path: Path) -> dict:
+    """A safetensors file's header (name -> dtype, shape, offsets), checked against the file size."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+            f.seek(0, 2)
+            size = f.tell()
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SoraDistError(f"{path} is not a readable safetensors file ({err}): re-download it") from err
+    header.pop("__metadata__", None)
+    end = 8 + length + max((entry["data_offsets"][1] for entry in header.values()), default=0)
+    if size < end:
+        raise SoraDistError(f"{path} is truncated ({size} bytes, its header needs {end}): re-download it")
+    return header
+
+
+def check_tensors(files: dict[str, Path], maps: list[TensorMap]) -> None:
+    """Every tensor the model needs is there with its shape, and nothing else is: one line naming
+    the first tensor that is not, its file and the shape wanted."""
+    headers = {path: _header(path) for path in set(files.values())}
+    wanted = {m.theirs: m for m in maps}
+    for name, tmap in wanted.items():
+        if name not in files:
+            raise SoraDistError(f"tensor {name} (shape {list(tmap.theirs_shape)}) is missing from the Wan folder {next(iter(files.values())).parent}")
+        shape = tuple(headers[files[name]][name]["shape"])
+        if shape != tmap.theirs_shape:
+            raise SoraDistError(f"tensor {name} in {files[name]} has shape {list(shape)}, the model needs {list(tmap.theirs_shape)}: "
+                                "does the folder match the model's preset?")
+    extra = sorted(set(files) - set(wanted))
+    if extra:
+        raise SoraDistError(f"tensor {extra[0]} in {files[extra[0]]} has no place in the model ({len(extra)} such): "
+                            "is this a different Wan variant than the preset?")
+
+
+def local_part(param: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """(this rank's tensor, its offset in the global tensor) of a parameter."""
+    if isinstance(param, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local = param.to_local()
+        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+        assert tuple(shape) == tuple(local.shape), (tuple(shape), tuple(local.shape))
+        return local, tuple(offset)
+    return param, (0,) * param.dim()
+
+
+def read_local(handle, tmap: TensorMap, global_shape: tuple[int, ...], local_shape: tuple[int, ...], offset: tuple[int, ...]) -> torch.Tensor:
+    """The part of our tensor at ``offset`` of ``local_shape``, read from Wan's tensor."""
+    if not local_shape or 0 in local_shape:
+        return torch.empty(local_shape)
+    rows = torch.arange(offset[0], offset[0] + local_shape[0])
+    if tmap.rows is not None:
+        rows = tmap.rows[rows]
+    first, last = int(rows.min()), int(rows.max()) + 1
+    source = handle.get_slice(tmap.theirs)
+    if tuple(global_shape) == tmap.theirs_shape:  # same shape: read the columns too
+        index = (slice(first, last), *(slice(o, o + n) for o, n in zip(offset[1:], local_shape[1:])))
+        return source[index].index_select(0, rows - first)
+    block = source[first:last].reshape(last - first, *global_shape[1:]).index_select(0, rows - first)
+    for dim in range(1, len(local_shape)):
+        block = block.narrow(dim, offset[dim], local_shape[dim])
+    return block
+
+
+@torch.no_grad()
+def load_wan(model: torch.nn.Module, path: str | Path) -> dict:
+    """Copy a diffusers Wan folder's weights into ``model`` (a VideoDiT with Wan's options, on one
+    device or laid out on a mesh). Checks the folder's config against the model's first. Returns
+    the folder's config."""
+    from safetensors import safe_open
+
+    folder = transformer_folder(path)
+    config = read_config(folder)
+    check_matches(config, model.cfg)
+    maps = tensor_maps(model.cfg)
+    files = weight_files(folder)
+    check_tensors(files, maps)
+    params = dict(model.named_parameters())
+    handles = {}
+    try:
+        for tmap in maps:
+            file = files[tmap.theirs]
+            if file not in handles:
+                handles[file] = safe_open(str(file), framework="pt")
+            param = params[tmap.ours]
+            local, offset = local_part(param)
+            local.copy_(read_local(handles[file], tmap, tuple(param.shape), tuple(local.shape), offset))
+    finally:
+        handles.clear()
+    log.info("loaded %d Wan tensors from %s", len(maps), folder)
+    return config
+
+
+def check_matches(config: dict, cfg) -> None:
+    """The folder's Wan config against the model's: one line naming the first setting that differs."""
+    plain = lambda value: tuple(value) if isinstance(value, (list, tuple)) else value  # noqa: E731
+    for key, value in wan_model_options(config).items():
+        ours = cfg.mlp_hidden if key == "ffn_dim" else getattr(cfg, key)
+        if plain(ours) != plain(value):
+            raise SoraDistError(f"the Wan folder's model has {key}={plain(value)!r}, the configured model {plain(ours)!r}: "
+                                f"choose the preset of that Wan model (or set model.{key})")

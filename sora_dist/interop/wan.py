@@ -1,0 +1,190 @@
+"""Wan 2.x text-to-video transformers (diffusers' ``WanTransformer3DModel`` folders) in and out of
+``VideoDiT``, exactly.
+
+The model expresses Wan with options (``wan_model_options``); what remains is a map of tensor
+names and three layout changes, each exact:
+- the patch embedding is a Conv3d, (D, C, p_t, p_h, p_w): the same numbers as our (D, C*p_t*p_h*p_w);
+- the output projection's rows are ordered (p_t, p_h, p_w, c), ours (c, p_t, p_h, p_w);
+- Wan rotates interleaved channel pairs (2i, 2i+1) of each head, our kernels the halves (i, i+Dh/2)
+  with the same angle i. Permuting every head's query and key rows (and their QK-norm weights)
+  the same way at load turns one into the other, and leaves q.k and the all-heads RMS unchanged;
+  export applies the inverse. Chosen over a second rotary layout in every kernel (reference,
+  Triton, torch_npu's npu_rotary_mul, the sequence-parallel paths): no kernel changes, no cost
+  per step, and one layout to test.
+
+``tensor_maps`` lists, per tensor of ours, the Wan tensor it comes from and the rows it takes, so
+that a rank reads only the rows of its own shard (``sora_dist.interop.load``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from sora_dist.errors import SoraDistError
+from sora_dist.models.dit import TIMESTEP_FREQ_DIM, DiTConfig
+
+DIFFUSERS_CLASS = "WanTransformer3DModel"
+QK_NORM = "rms_norm_across_heads"
+EPS = 1e-6
+TEXT_LEN = 512
+
+
+@dataclass(frozen=True)
+class TensorMap:
+    """Our tensor ``ours`` is Wan's ``theirs`` (shape ``theirs_shape``), reshaped to our shape,
+    taking at our row i its row ``rows[i]`` (all rows in order when ``rows`` is None)."""
+
+    ours: str
+    theirs: str
+    theirs_shape: tuple[int, ...]
+    rows: Optional[torch.Tensor] = None
+
+
+def transformer_folder(path: str | Path) -> Path:
+    """The folder with the transformer's config.json: ``path`` itself, or a pipeline root's
+    ``transformer/``."""
+    path = Path(path)
+    for folder in (path, path / "transformer"):
+        if (folder / "config.json").is_file():
+            return folder
+    raise SoraDistError(f"{path} holds no config.json (nor transformer/config.json): point model.init_from at a diffusers Wan "
+                        "pipeline folder or its transformer/ folder")
+
+
+def read_config(folder: Path) -> dict:
+    config_path = folder / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise SoraDistError(f"{config_path} is not valid JSON ({err}): re-download the model's config.json") from err
+    if config.get("_class_name") != DIFFUSERS_CLASS:
+        raise SoraDistError(f"{config_path} describes a {config.get('_class_name')!r}, not a {DIFFUSERS_CLASS}: "
+                            "model.init_from takes diffusers Wan 2.x transformer folders")
+    return config
+
+
+def wan_model_options(config: dict) -> dict:
+    """DiTConfig keyword arguments for a diffusers Wan transformer config; one line naming the key
+    for what VideoDiT does not express yet."""
+    get = lambda key, default=None: config.get(key, default)  # noqa: E731 - diffusers' defaults
+    unsupported = {
+        "image_dim": (get("image_dim"), None, "image-to-video variants with CLIP image tokens (Wan 2.1 I2V) are not supported yet"),
+        "added_kv_proj_dim": (get("added_kv_proj_dim"), None, "added image key/value projections are not supported yet"),
+        "pos_embed_seq_len": (get("pos_embed_seq_len"), None, "first-last-frame image position embeddings are not supported yet"),
+        "freq_dim": (get("freq_dim", 256), TIMESTEP_FREQ_DIM, f"VideoDiT's timestep features are {TIMESTEP_FREQ_DIM} wide"),
+        "qk_norm": (get("qk_norm", QK_NORM), QK_NORM, f"only {QK_NORM} QK-norm is mapped"),
+        "cross_attn_norm": (get("cross_attn_norm", True), True, "VideoDiT always normalizes before cross-attention"),
+        "eps": (get("eps", EPS), EPS, f"VideoDiT's norms use eps {EPS}"),
+        "out_channels": (get("out_channels", 16), get("in_channels", 16), "VideoDiT predicts as many channels as it reads (in_channels)"),
+    }
+    for key, (value, wanted, why) in unsupported.items():
+        if value != wanted:
+            raise SoraDistError(f"Wan config {key}={value!r} (not {wanted!r}): {why}")
+    heads, head_dim = get("num_attention_heads", 40), get("attention_head_dim", 128)
+    return {
+        "in_channels": get("in_channels", 16), "text_dim": get("text_dim", 4096), "hidden_size": heads * head_dim,
+        "depth": get("num_layers", 40), "num_heads": heads, "ffn_dim": get("ffn_dim", 13824),
+        "patch_size": tuple(get("patch_size", (1, 2, 2))), "qk_norm": True, "qk_norm_scope": "all_heads",
+        "modulation": "shared", "text_context": "padded", "text_len": TEXT_LEN,
+    }
+
+
+def diffusers_config(cfg: DiTConfig) -> dict:
+    """The diffusers config.json of a VideoDiT with Wan's options (the inverse of wan_model_options)."""
+    check_wan_layout(cfg)
+    return {
+        "_class_name": DIFFUSERS_CLASS, "patch_size": list(cfg.patch_size), "num_attention_heads": cfg.num_heads,
+        "attention_head_dim": cfg.head_dim, "in_channels": cfg.in_channels, "out_channels": cfg.in_channels,
+        "text_dim": cfg.text_dim, "freq_dim": TIMESTEP_FREQ_DIM, "ffn_dim": cfg.mlp_hidden, "num_layers": cfg.depth,
+        "cross_attn_norm": True, "qk_norm": QK_NORM, "eps": EPS, "image_dim": None, "added_kv_proj_dim": None,
+        "rope_max_seq_len": 1024, "pos_embed_seq_len": None,
+    }
+
+
+def check_wan_layout(cfg: DiTConfig) -> None:
+    """Refuse a model whose options are not Wan's: its weights mean something else there."""
+    wanted = {"modulation": "shared", "text_context": "padded", "qk_norm": True, "qk_norm_scope": "all_heads"}
+    for key, value in wanted.items():
+        if getattr(cfg, key) != value:
+            raise SoraDistError(f"model.{key}={getattr(cfg, key)!r}: a Wan model has {key} {value!r} (use a wan preset)")
+
+
+def interleaved_to_halves(num_heads: int, head_dim: int) -> torch.Tensor:
+    """Row permutation of a (num_heads * head_dim)-row q or k projection: our row h*Dh + j takes
+    Wan's row h*Dh + 2j for j < Dh/2 and h*Dh + 2(j - Dh/2) + 1 after."""
+    half = torch.arange(head_dim // 2)
+    within = torch.cat([2 * half, 2 * half + 1])
+    return (torch.arange(num_heads)[:, None] * head_dim + within[None]).flatten()
+
+
+def channels_last_to_first(channels: int, patch_volume: int) -> torch.Tensor:
+    """Row permutation of the output projection: our row c*P + p takes Wan's row p*C + c."""
+    c, p = torch.meshgrid(torch.arange(channels), torch.arange(patch_volume), indexing="ij")
+    return (p * channels + c).flatten()
+
+
+def tensor_maps(cfg: DiTConfig) -> list[TensorMap]:
+    """Every tensor of a Wan-layout VideoDiT and where it comes from in a diffusers Wan folder."""
+    check_wan_layout(cfg)
+    d, m, text, p_c = cfg.hidden_size, cfg.mlp_hidden, cfg.text_dim, cfg.patch_volume * cfg.in_channels
+    rope = interleaved_to_halves(cfg.num_heads, cfg.head_dim)
+
+    def linear(ours: str, theirs: str, n_out: int, n_in: int, rows=None) -> list[TensorMap]:
+        return [TensorMap(f"{ours}.weight", f"{theirs}.weight", (n_out, n_in), rows), TensorMap(f"{ours}.bias", f"{theirs}.bias", (n_out,), rows)]
+
+    maps = [
+        TensorMap("x_embedder.weight", "patch_embedding.weight", (d, cfg.in_channels, *cfg.patch_size)),
+        TensorMap("x_embedder.bias", "patch_embedding.bias", (d,)),
+        *linear("t_embedder.mlp.0", "condition_embedder.time_embedder.linear_1", d, TIMESTEP_FREQ_DIM),
+        *linear("t_embedder.mlp.2", "condition_embedder.time_embedder.linear_2", d, d),
+        *linear("time_proj.1", "condition_embedder.time_proj", 6 * d, d),
+        *linear("text_embedder.0", "condition_embedder.text_embedder.linear_1", d, text),
+        *linear("text_embedder.2", "condition_embedder.text_embedder.linear_2", d, d),
+    ]
+    for i in range(cfg.depth):
+        ours, theirs = f"blocks.{i}", f"blocks.{i}"
+        for attn, wan_attn, rows in (("attn", "attn1", rope), ("cross_attn", "attn2", None)):
+            maps += linear(f"{ours}.{attn}.to_q", f"{theirs}.{wan_attn}.to_q", d, d, rows)
+            maps += linear(f"{ours}.{attn}.to_k", f"{theirs}.{wan_attn}.to_k", d, d, rows)
+            maps += linear(f"{ours}.{attn}.to_v", f"{theirs}.{wan_attn}.to_v", d, d)
+            maps += linear(f"{ours}.{attn}.proj", f"{theirs}.{wan_attn}.to_out.0", d, d)
+            maps.append(TensorMap(f"{ours}.{attn}.q_norm.weight", f"{theirs}.{wan_attn}.norm_q.weight", (d,), rows))
+            maps.append(TensorMap(f"{ours}.{attn}.k_norm.weight", f"{theirs}.{wan_attn}.norm_k.weight", (d,), rows))
+        maps += [TensorMap(f"{ours}.norm2.weight", f"{theirs}.norm2.weight", (d,)), TensorMap(f"{ours}.norm2.bias", f"{theirs}.norm2.bias", (d,))]
+        maps += linear(f"{ours}.mlp.fc1", f"{theirs}.ffn.net.0.proj", m, d)
+        maps += linear(f"{ours}.mlp.fc2", f"{theirs}.ffn.net.2", d, m)
+        maps.append(TensorMap(f"{ours}.scale_shift_table", f"{theirs}.scale_shift_table", (1, 6, d)))
+    maps.append(TensorMap("final_layer.scale_shift_table", "scale_shift_table", (1, 2, d)))
+    maps += linear("final_layer.linear", "proj_out", p_c, d, channels_last_to_first(cfg.in_channels, cfg.patch_volume))
+    return maps
+
+
+def to_ours(theirs: torch.Tensor, tmap: TensorMap, ours_shape: tuple[int, ...]) -> torch.Tensor:
+    """A whole Wan tensor in our layout."""
+    rows = theirs.reshape(theirs.shape[0], -1)
+    if tmap.rows is not None:
+        rows = rows.index_select(0, tmap.rows)
+    return rows.reshape(ours_shape)
+
+
+def to_theirs(ours: torch.Tensor, tmap: TensorMap) -> torch.Tensor:
+    """A whole tensor of ours in Wan's layout (to_ours's inverse)."""
+    rows = ours.reshape(ours.shape[0], -1)
+    if tmap.rows is not None:
+        rows = rows.index_select(0, torch.argsort(tmap.rows))
+    return rows.reshape(tmap.theirs_shape)
+
+
+def state_dict_to_ours(theirs: dict[str, torch.Tensor], cfg: DiTConfig, ours_shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """A whole Wan state dict (diffusers names) as ours; for tests and small models."""
+    return {m.ours: to_ours(theirs[m.theirs], m, ours_shapes[m.ours]) for m in tensor_maps(cfg)}
+
+
+def state_dict_to_theirs(ours: dict[str, torch.Tensor], cfg: DiTConfig) -> dict[str, torch.Tensor]:
+    """A whole state dict of ours in diffusers Wan names and layouts."""
+    return {m.theirs: to_theirs(ours[m.ours], m) for m in tensor_maps(cfg)}

@@ -1,0 +1,100 @@
+"""A diffusers WanTransformer3DModel, saved with save_pretrained and loaded by sora_dist, gives the
+same output and the same parameter gradients as diffusers; and the same in reverse for export."""
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from sora_dist.interop.load import load_wan  # noqa: E402
+from sora_dist.interop.wan import TensorMap, state_dict_to_theirs, tensor_maps, to_ours  # noqa: E402
+from sora_dist.kernels import set_attention_backend  # noqa: E402
+from wan_reference import diffusers_in_float64, empty_model, inputs, make_wan, our_config, save_wan, wan_inputs  # noqa: E402
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def run_both(tmp_path, dtype, per_frame_t, max_shard_size="5GB"):
+    """Outputs and gradients of diffusers' Wan and of ours loaded from its saved folder, the
+    gradients of Wan's tensors given in our layout."""
+    wan = make_wan(dtype)
+    folder = save_wan(wan, tmp_path / "wan", max_shard_size)
+    cfg = our_config(wan)
+    ours = empty_model(cfg, dtype)
+    load_wan(ours, folder)
+    x, t, text, mask = inputs(cfg, dtype, per_frame_t)
+    weight = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=dtype)
+
+    out = ours(x, t, text, mask)
+    (out * weight).sum().backward()
+    wx, wt, wtext = wan_inputs(cfg, x, t, text, mask)
+    with diffusers_in_float64() if dtype == torch.float64 else torch.enable_grad():
+        ref = wan(wx, wt, wtext, return_dict=False)[0]
+        (ref * weight).sum().backward()
+    wan_params = dict(wan.named_parameters())
+    ours_shapes = {name: tuple(p.shape) for name, p in ours.named_parameters()}
+    grads = {m.ours: (dict(ours.named_parameters())[m.ours].grad, to_ours(wan_params[m.theirs].grad, m, ours_shapes[m.ours])) for m in tensor_maps(cfg)}
+    return out, ref, grads, ours, wan
+
+
+@pytest.fixture(autouse=True)
+def plain_attention():
+    set_attention_backend("sdpa")
+    yield
+
+
+@pytest.mark.parametrize("per_frame_t", [False, True], ids=["t-per-sample", "t-per-frame"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_loaded_wan_matches_diffusers_output_and_gradients(tmp_path, dtype, per_frame_t):
+    out, ref, grads, _, _ = run_both(tmp_path, dtype, per_frame_t)
+    assert out.shape == ref.shape
+    assert relative(out, ref) <= TOLERANCE[dtype], relative(out, ref)
+    ours_grads, wan_grads = (torch.cat([pair[i].flatten() for pair in grads.values()]) for i in (0, 1))
+    assert relative(ours_grads, wan_grads) <= TOLERANCE[dtype], relative(ours_grads, wan_grads)
+    if dtype == torch.float64:  # every tensor's own gradient too (in fp32 a near-zero one is all rounding)
+        worst = max(grads, key=lambda name: relative(*grads[name]))
+        assert relative(*grads[worst]) <= TOLERANCE[dtype], (worst, relative(*grads[worst]))
+
+
+def test_a_sharded_folder_loads_the_same(tmp_path):
+    """save_pretrained with a small shard size writes many files and an index."""
+    out, ref, _, _, _ = run_both(tmp_path, torch.float64, False, max_shard_size="20KB")
+    assert len(list((tmp_path / "wan").glob("*.safetensors"))) > 3
+    assert relative(out, ref) <= 1e-10
+
+
+def test_export_gives_back_diffusers_tensors_exactly(tmp_path):
+    wan = make_wan(torch.float64)
+    cfg = our_config(wan)
+    ours = empty_model(cfg)
+    load_wan(ours, save_wan(wan, tmp_path / "wan"))
+    exported = state_dict_to_theirs(dict(ours.state_dict()), cfg)
+    assert exported.keys() == dict(wan.state_dict()).keys()
+    for name, tensor in wan.state_dict().items():
+        assert torch.equal(exported[name], tensor), name
+
+
+@pytest.mark.parametrize("plant", ["no_rope_permutation", "no_output_permutation", "swapped_text_keys_and_values"])
+def test_a_wrong_mapping_step_is_caught(tmp_path, monkeypatch, plant):
+    """Each layout step of the map, planted wrong, moves the output far beyond the tolerance."""
+    from sora_dist.interop import wan as wan_map
+
+    real = wan_map.tensor_maps
+
+    def planted(cfg):
+        maps = real(cfg)
+        if plant == "no_rope_permutation":
+            return [TensorMap(m.ours, m.theirs, m.theirs_shape, None) if ".attn.to_q" in m.ours else m for m in maps]
+        if plant == "no_output_permutation":
+            return [TensorMap(m.ours, m.theirs, m.theirs_shape, None) if m.ours.startswith("final_layer.linear") else m for m in maps]
+        swap = {"attn2.to_k": "attn2.to_v", "attn2.to_v": "attn2.to_k"}  # the text's keys and values swapped
+        return [TensorMap(m.ours, m.theirs.replace(m.theirs.split(".")[2] + "." + m.theirs.split(".")[3], swap[".".join(m.theirs.split(".")[2:4])]), m.theirs_shape, m.rows)
+                if ".".join(m.theirs.split(".")[2:4]) in swap else m for m in maps]
+
+    monkeypatch.setattr("sora_dist.interop.load.tensor_maps", planted)
+    out, ref, _, _, _ = run_both(tmp_path, torch.float64, False)
+    assert relative(out, ref) > 1e-4, relative(out, ref)
