@@ -24,7 +24,9 @@ from sora_dist.models.presets import PRESETS
 @dataclass
 class ModelConfig:
     preset: str = "debug"
-    """Named size from ``sora_dist.models.PRESETS`` (debug, S, B, L, XL, 1B, 3B, 7B)."""
+    """Named model from ``sora_dist.models.PRESETS``: sizes of our DiT (debug, S, B, L, XL, 1B, 3B,
+    7B), or a published Wan model's whole architecture (wan2.1-t2v-1.3b, wan2.1-t2v-14b,
+    wan2.2-ti2v-5b, wan2.2-t2v-a14b; docs/wan.md)."""
     hidden_size: Optional[int] = None
     """Transformer width; None takes the preset's."""
     depth: Optional[int] = None
@@ -44,21 +46,27 @@ class ModelConfig:
     """Width of the text-encoder hidden states; None reads it from the dataset manifest."""
     qk_norm: bool = True
     """RMS-normalize queries and keys (stabilizes bf16 training at scale)."""
-    qk_norm_scope: Literal["head", "all_heads"] = "head"
+    qk_norm_scope: Optional[Literal["head", "all_heads"]] = None
     """The QK-norm's RMS over each head's channels, or over all heads' together (Wan); under
-    tensor parallelism the all-heads sum of squares spans the ranks' heads."""
+    tensor parallelism the all-heads sum of squares spans the ranks' heads. None: the preset's
+    (head for ours)."""
     rope_theta: float = 10000.0
     """Base of the 3D rotary position frequencies."""
-    modulation: Literal["per_block", "shared"] = "per_block"
+    modulation: Optional[Literal["per_block", "shared"]] = None
     """adaLN-Zero: each block projects the timestep embedding itself (per_block), or one projection
     serves every block, plus a learned table per block and a table for the final layer (shared:
-    PixArt-alpha's adaLN-single, Wan's; saves depth x 6 x hidden^2 parameters)."""
-    text_context: Literal["masked", "padded"] = "masked"
+    PixArt-alpha's adaLN-single, Wan's; saves depth x 6 x hidden^2 parameters). None: the
+    preset's (per_block for ours)."""
+    text_context: Optional[Literal["masked", "padded"]] = None
     """The caption as cross-attention context: its tokens under a key mask plus a learned null
     token (masked), or its tokens zero-padded to text_len with no mask and no null token (padded,
-    as Wan was trained)."""
-    text_len: int = 512
-    """Caption tokens under text_context padded (Wan: 512); longer captions are cut."""
+    as Wan was trained). None: the preset's (masked for ours)."""
+    text_len: Optional[int] = None
+    """Caption tokens under text_context padded; longer captions are cut. None: the preset's (512)."""
+    init_from: Optional[str] = None
+    """A diffusers Wan folder (a pipeline root or its transformer/) whose weights start training
+    or sampling: each rank reads only its own shards' slices (docs/wan.md). A run that resumes
+    from its own checkpoint ignores it."""
     attention_backend: str = "auto"
     """Attention kernel: auto (the device's best), or a name from ``sora_dist.kernels.BACKENDS``."""
     fused_backend: str = "auto"
@@ -348,21 +356,26 @@ def resolve_model_config(cfg: ModelConfig, in_channels: int, text_dim: int) -> D
     """The model's hyper-parameters: the preset, explicit overrides, and the dataset's latent
     channels and text width (used where the config leaves them null)."""
     preset = preset_sizes(cfg.preset)
+
+    def pick(key: str, default: Any = None) -> Any:  # the config's value, else the preset's, else the default
+        value = getattr(cfg, key)
+        return value if value is not None else preset.get(key, default)
+
     return DiTConfig(
-        in_channels=cfg.in_channels or in_channels,
-        text_dim=cfg.text_dim or text_dim,
+        in_channels=pick("in_channels", in_channels),
+        text_dim=pick("text_dim", text_dim),
         hidden_size=cfg.hidden_size or preset["hidden_size"],
         depth=cfg.depth or preset["depth"],
         num_heads=cfg.num_heads or preset["num_heads"],
         mlp_ratio=cfg.mlp_ratio,
-        ffn_dim=cfg.ffn_dim,
+        ffn_dim=pick("ffn_dim"),
         patch_size=tuple(cfg.patch_size),
         qk_norm=cfg.qk_norm,
-        qk_norm_scope=cfg.qk_norm_scope,
+        qk_norm_scope=pick("qk_norm_scope", "head"),
         rope_theta=cfg.rope_theta,
-        modulation=cfg.modulation,
-        text_context=cfg.text_context,
-        text_len=cfg.text_len,
+        modulation=pick("modulation", "per_block"),
+        text_context=pick("text_context", "masked"),
+        text_len=pick("text_len", 512),
     )
 
 
@@ -498,8 +511,9 @@ def validate(cfg: Config) -> None:
     _validate_training(cfg)
 
 
-def preset_sizes(name: str) -> dict[str, int]:
-    """A model preset's width, depth and heads; ConfigError naming the presets for an unknown one."""
+def preset_sizes(name: str) -> dict[str, Any]:
+    """A model preset's width, depth, heads and any other settings it fixes; ConfigError naming
+    the presets for an unknown one."""
     _require(name in PRESETS, f"model.preset={name!r} is unknown: choose one of {', '.join(PRESETS)}")
     return PRESETS[name]
 
@@ -525,7 +539,7 @@ def _validate_model(m: ModelConfig) -> None:
     _require(m.mlp_ratio > 0, f"model.mlp_ratio={m.mlp_ratio} must be positive")
     _require(m.ffn_dim is None or m.ffn_dim > 0, f"model.ffn_dim={m.ffn_dim} must be positive (or null for hidden_size x mlp_ratio)")
     _require(all(p > 0 for p in m.patch_size), f"model.patch_size={list(m.patch_size)} must be positive")
-    _require(m.text_len > 0, f"model.text_len={m.text_len} must be positive")
+    _require(m.text_len is None or m.text_len > 0, f"model.text_len={m.text_len} must be positive")
 
 
 def _validate_mask(mask: MaskConfig) -> None:

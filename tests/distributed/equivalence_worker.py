@@ -4,13 +4,15 @@ and whose timesteps differ per latent frame (so SP ranks hold parts of frames), 
 single-process run of the same model and batches on every rank.
 
 Writes {layout: {batch: {"loss": .., "grad": .., "param": .., "norm": ..}}} (max relative errors)
-to the JSON path given as the first argument (rank 0).
+to the JSON path given as the first argument (rank 0); under "_wan_import", a diffusers Wan folder
+imported on each layout against diffusers (tests/interop/wan_layouts.py).
 """
 
 import json
 import os
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -220,6 +222,11 @@ def main():
                 "worst_grad": max(ref_grads, key=lambda n: rel(grads[n], ref_grads[n])),
                 "param": max(rel(params[n], p) for n, p in ref_params.items()),
             }
+    if only is None or "_wan_import" in only:
+        sys.path.insert(0, str(Path(__file__).parents[1] / "interop"))
+        from wan_layouts import check_layouts
+
+        results["_wan_import"] = check_layouts(Path(out_path).parent, world_size)
     bytes_rank = sharded_bytes(world_size)
     gathered = [None] * world_size
     dist.all_gather_object(gathered, bytes_rank)

@@ -44,6 +44,24 @@ def test_layout_matches_single_process(world_size, layout, tmp_path_factory):
             assert r[metric] < TOLERANCE, f"{layout} {kind}: {metric} differs by {r[metric]:.3g} (worst grad {r['worst_grad']})"
 
 
+sys.path.insert(0, str(WORKER.parents[1] / "interop"))
+from wan_layouts import DTYPES, LAYOUTS as WAN_LAYOUTS  # noqa: E402
+
+WAN_TOLERANCE = {"fp64": 1e-10, "fp32": 1e-5}
+
+
+@pytest.mark.parametrize("world_size, layout", [(w, name) for w, layouts in WAN_LAYOUTS.items() for name in layouts])
+def test_wan_imported_on_a_layout_matches_diffusers(world_size, layout, tmp_path_factory):
+    """A diffusers Wan folder read slice by slice on every rank of the layout: its loss and every
+    gradient match diffusers' own model in one process."""
+    pytest.importorskip("diffusers")
+    results = results_for(world_size, tmp_path_factory)["_wan_import"]
+    for dtype in DTYPES:
+        r = results[f"{layout}/{dtype}"]
+        assert "error" not in r, f"{layout} {dtype}: {r}"
+        assert r["loss"] <= WAN_TOLERANCE[dtype] and r["grad"] <= WAN_TOLERANCE[dtype], f"{layout} {dtype}: {r}"
+
+
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_fsdp_cuts_parameter_and_optimizer_bytes_by_the_shard_degree(world_size, tmp_path_factory):
     per_rank_bytes = results_for(world_size, tmp_path_factory)["_bytes"]

@@ -9,7 +9,10 @@ from sora_dist.models import PRESETS, VideoDiT, count_parameters, executed_train
 
 # Nominal size of each preset with a 4096-wide text encoder (T5-XXL) and 4 latent channels.
 NOMINAL = {"debug": (0.4e6, 0.6e6), "S": (35e6, 50e6), "B": (140e6, 180e6), "L": (0.5e9, 0.62e9),
-           "XL": (0.75e9, 0.9e9), "1B": (0.95e9, 1.15e9), "3B": (2.8e9, 3.3e9), "7B": (6.5e9, 7.5e9)}
+           "XL": (0.75e9, 0.9e9), "1B": (0.95e9, 1.15e9), "3B": (2.8e9, 3.3e9), "7B": (6.5e9, 7.5e9),
+           # Wan's own latent channels and umT5 width, whatever is passed: the published 1.3B, 14B, 5B.
+           "wan2.1-t2v-1.3b": (1.40e9, 1.43e9), "wan2.1-t2v-14b": (14.2e9, 14.3e9), "wan2.2-ti2v-5b": (4.9e9, 5.1e9),
+           "wan2.2-t2v-a14b": (14.2e9, 14.3e9)}
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -50,6 +53,19 @@ def test_parameter_formula_counts_wan_options():
     shared = (6 * d * d + 6 * d) + depth * 6 * d + 2 * d  # one projection, the tables
     assert count_parameters(per_block) - count_parameters(cfg) == projections - shared
     assert not hasattr(model, "null_text") and model.blocks[0].scale_shift_table.shape == (1, 6, d)
+
+
+@pytest.mark.parametrize("preset", [name for name in PRESETS if name.startswith("wan")])
+def test_wan_presets_have_exactly_diffusers_parameters(preset):
+    """Each wan preset builds the transformer diffusers builds from that model's config."""
+    diffusers = pytest.importorskip("diffusers")
+    from sora_dist.interop.wan import diffusers_config
+
+    cfg = resolve_model_config(ModelConfig(preset=preset), in_channels=4, text_dim=64)
+    config = {key: value for key, value in diffusers_config(cfg).items() if not key.startswith("_")}
+    with torch.device("meta"):
+        reference = diffusers.WanTransformer3DModel(**config)
+    assert count_parameters(cfg) == sum(p.numel() for p in reference.parameters())
 
 
 @pytest.mark.parametrize("per_frame_t", [False, True], ids=["t-per-sample", "t-per-frame"])
