@@ -86,11 +86,33 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> None:
     if (path / "deepspeed").is_dir():
         raise ConfigError(f"{path} is a DeepSpeed checkpoint: consolidate it with DeepSpeed's zero_to_fp32.py, or train with engine=fsdp")
     cfg = load_config(path / "config.yaml")
+    if args.format == "diffusers":
+        return export_diffusers(path, resolve_model_config(cfg.model, cfg.model.in_channels, cfg.model.text_dim), args)
     model = VideoDiT(resolve_model_config(cfg.model, cfg.model.in_channels, cfg.model.text_dim))
     used = load_weights_for_export(path, model, ema=not args.raw)
     metadata = {"model_config": json.dumps(cfg.to_dict()["model"]), "weights": used, "checkpoint": str(path)}
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.out, metadata=metadata)
     log.info("exported the %s weights of %s (%d tensors) -> %s", used, path, len(model.state_dict()), args.out)
+
+
+def export_diffusers(path: Path, model_cfg, args: argparse.Namespace) -> None:
+    """A Wan-layout checkpoint as a diffusers transformer folder (or pipeline folder with --base),
+    read and written one safetensors file's worth at a time."""
+    import torch
+
+    from sora_dist.checkpoint import weight_reader
+    from sora_dist.interop.export import DTYPES, pipeline_around, write_diffusers
+    from sora_dist.models import VideoDiT
+
+    with torch.device("meta"):
+        shapes = {name: t.shape for name, t in VideoDiT(model_cfg).state_dict().items()}
+    read, used = weight_reader(path, shapes, ema=not args.raw)
+    out = Path(args.out)
+    transformer = out / "transformer" if args.base else out
+    write_diffusers(read, model_cfg, transformer, DTYPES[args.dtype], int(args.shard_gib * 2**30))
+    if args.base:
+        pipeline_around(transformer, Path(args.base), out)
+    log.info("exported the %s weights of %s as a diffusers Wan %s -> %s", used, path, "pipeline" if args.base else "transformer", out)
 
 
 def cmd_checkpoint_verify(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -218,10 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_decode, overrides_allowed=False)
 
-    p = sub.add_parser("export", help="write a checkpoint's consolidated weights as safetensors")
+    p = sub.add_parser("export", help="write a checkpoint's weights as safetensors, or as a diffusers Wan folder")
     p.add_argument("checkpoint", help="a step-N checkpoint folder")
-    p.add_argument("--out", required=True, help="e.g. model.safetensors")
+    p.add_argument("--out", required=True, help="e.g. model.safetensors; with --format diffusers a folder")
     p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA weights")
+    p.add_argument("--format", default="sora-dist", choices=["sora-dist", "diffusers"],
+                   help="diffusers: a WanTransformer3DModel folder (a Wan-preset model; docs/wan.md)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"], help="with --format diffusers: the weights' dtype")
+    p.add_argument("--shard-gib", type=float, default=5.0, help="with --format diffusers: the largest safetensors file, GiB")
+    p.add_argument("--base", default="", help="with --format diffusers: a diffusers Wan pipeline folder; writes a whole pipeline "
+                   "around the exported transformer, its other components linked")
     p.set_defaults(func=cmd_export, overrides_allowed=False)
 
     sub.add_parser("gpu-proof", help="prove a GPU machine: GPU tests, demo in bf16, bench-train/kernels/loader; writes JSON + markdown (see --help)")

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -133,12 +133,24 @@ def gather_to_rank0(tensors: dict[str, torch.Tensor]) -> Optional[dict[str, torc
 def load_weights_for_export(path: Path, model: torch.nn.Module, ema: bool) -> str:
     """Fill a single-device model from a DCP checkpoint (no process group needed); returns
     which weights were used ('ema' or 'model')."""
+    read, use = weight_reader(path, {name: t.shape for name, t in model.state_dict().items()}, ema)
+    model.load_state_dict(read(list(model.state_dict())))
+    return use
+
+
+def weight_reader(path: Path, shapes: dict[str, torch.Size], ema: bool) -> tuple[Callable[[list[str]], dict[str, torch.Tensor]], str]:
+    """(read, which): ``read(names)`` loads those whole fp32 tensors alone from a DCP checkpoint
+    (no process group needed), the EMA weights if asked and saved, else the raw ones ('ema' or
+    'model'). Reading a few at a time bounds memory by their size, not the model's."""
     has_ema = any(key.startswith("ema.") for key in read_metadata(path).state_dict_metadata)
     use = "ema" if ema and has_ema else "model"
     if ema and not has_ema:
         log.warning("%s has no EMA weights (optim.ema_decay was 0): exporting the raw weights", path)
-    target = {use: dict(model.state_dict())}
-    with single_process_ok():
-        dcp.load(target, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
-    model.load_state_dict(target[use])
-    return use
+
+    def read(names: list[str]) -> dict[str, torch.Tensor]:
+        target = {use: {name: torch.empty(shapes[name]) for name in names}}
+        with single_process_ok():
+            dcp.load(target, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
+        return target[use]
+
+    return read, use

@@ -1,0 +1,126 @@
+"""Import a diffusers Wan folder with model.init_from, fine-tune it with the trainer, export the
+checkpoint with `sora-dist export --format diffusers`, and load the export with diffusers; and
+the one-line refusals of folders that are not the configured Wan model."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from sora_dist import trainer  # noqa: E402
+from sora_dist.build import build_single_device_model  # noqa: E402
+from sora_dist.checkpoint import load_weights_for_export, newest_complete  # noqa: E402
+from sora_dist.cli import main  # noqa: E402
+from sora_dist.config import load_config  # noqa: E402
+from sora_dist.errors import SoraDistError  # noqa: E402
+from sora_dist.interop.load import load_wan  # noqa: E402
+from wan_reference import empty_model, inputs, make_wan, our_config, save_wan, wan_inputs  # noqa: E402
+
+REPO = Path(__file__).parents[2]
+# The tiny Wan of wan_reference with the synthetic data's 32-wide captions and 4 latent channels.
+WAN_MODEL = ["--model.hidden_size=36", "--model.depth=2", "--model.num_heads=3", "--model.ffn_dim=50", "--model.modulation=shared",
+             "--model.text_context=padded", "--model.qk_norm_scope=all_heads"]
+
+
+@pytest.fixture(scope="module")
+def finetuned(synthetic_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("wan")
+    wan = make_wan(torch.float32, text_dim=32)
+    save_wan(wan, root / "pipeline" / "transformer", max_shard_size="20KB")
+    cfg = load_config(REPO / "configs" / "demo.yaml", [
+        f"--data.path={synthetic_dir}", f"--train.out_dir={root / 'run'}", "--data.num_workers=0", "--train.max_minutes=0",
+        "--logging.tensorboard=false", "--train.steps=6", "--logging.log_every=1", "--checkpoint.every_steps=6",
+        "--optim.warmup_steps=1", f"--model.init_from={root / 'pipeline'}", *WAN_MODEL])
+    summary = trainer.train(cfg)
+    return root, wan, summary
+
+
+def test_an_imported_wan_fine_tunes_and_exports_to_diffusers(finetuned):
+    from diffusers import WanTransformer3DModel
+
+    root, wan, summary = finetuned
+    assert summary["steps"] == 6 and torch.isfinite(torch.tensor(summary["last_loss"]))
+    checkpoint = newest_complete(root / "run" / "checkpoints")
+    assert main(["export", str(checkpoint), "--format", "diffusers", "--dtype", "fp32", "--raw", "--shard-gib", "0.00002",
+                 "--out", str(root / "export")]) == 0
+    assert json.loads((root / "export" / "config.json").read_text())["_class_name"] == "WanTransformer3DModel"
+    assert len(list((root / "export").glob("*.safetensors"))) > 3  # written file by file, with an index
+
+    saved = load_config(checkpoint / "config.yaml")
+    ours = build_single_device_model(saved, 4, 32, torch.device("cpu"))
+    load_weights_for_export(checkpoint, ours, ema=False)
+    exported = WanTransformer3DModel.from_pretrained(root / "export")  # fp32 files, loaded as they are
+    original = dict(wan.named_parameters())
+    moved = [name for name, p in exported.named_parameters() if not torch.equal(p, original[name])]
+    assert moved, "fine-tuning changed no weight"
+    x, t, text, mask = inputs(ours.cfg, torch.float32)
+    with torch.no_grad():
+        out = ours(x, t, text, mask)
+        ref = exported(*wan_inputs(ours.cfg, x, t, text, mask), return_dict=False)[0]
+    assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
+
+
+def test_export_with_a_base_writes_a_pipeline_folder(finetuned, tmp_path):
+    root, _, _ = finetuned
+    base = tmp_path / "base"
+    (base / "vae").mkdir(parents=True)
+    (base / "vae" / "config.json").write_text("{}")
+    (base / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"],
+                                                        "vae": ["diffusers", "AutoencoderKLWan"]}))
+    checkpoint = newest_complete(root / "run" / "checkpoints")
+    out = tmp_path / "pipeline"
+    assert main(["export", str(checkpoint), "--format", "diffusers", "--base", str(base), "--out", str(out)]) == 0
+    assert (out / "transformer" / "config.json").is_file() and (out / "vae").resolve() == (base / "vae").resolve()
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "WanPipeline"
+
+
+@pytest.fixture
+def folder_and_model(tmp_path):
+    wan = make_wan(torch.float32)
+    model = empty_model(our_config(wan), torch.float32)
+    model.init_weights()
+    return save_wan(wan, tmp_path / "wan", max_shard_size="20KB"), model
+
+
+def test_a_folder_that_is_not_wan_is_refused(folder_and_model):
+    folder, model = folder_and_model
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "_class_name": "FluxTransformer2DModel"}))
+    with pytest.raises(SoraDistError, match="FluxTransformer2DModel"):
+        load_wan(model, folder)
+
+
+def test_another_variant_than_the_model_is_refused(folder_and_model):
+    folder, model = folder_and_model
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "ffn_dim": 64}))
+    with pytest.raises(SoraDistError, match="ffn_dim=64"):
+        load_wan(model, folder)
+
+
+def test_a_truncated_file_is_refused_before_anything_loads(folder_and_model):
+    folder, model = folder_and_model
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    victim = sorted(folder.glob("*.safetensors"))[-1]
+    victim.write_bytes(victim.read_bytes()[:-100])
+    with pytest.raises(SoraDistError, match=f"{victim.name} is truncated"):
+        load_wan(model, folder)
+    assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())
+
+
+def test_a_missing_or_extra_tensor_is_named(folder_and_model):
+    folder, model = folder_and_model
+    index_path = folder / "diffusion_pytorch_model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    moved = index["weight_map"].pop("blocks.1.ffn.net.2.weight")
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(SoraDistError, match=r"blocks\.1\.ffn\.net\.2\.weight \(shape \[36, 50\]\) is missing"):
+        load_wan(model, folder)
+    index["weight_map"]["blocks.1.ffn.net.2.weight"] = moved
+    index["weight_map"]["blocks.1.attn2.add_k_proj.weight"] = moved
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(SoraDistError, match=r"attn2\.add_k_proj\.weight"):
+        load_wan(model, folder)
