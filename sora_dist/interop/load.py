@@ -20,21 +20,23 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from sora_dist.errors import SoraDistError
-from sora_dist.interop.wan import TensorMap, read_config, tensor_maps, transformer_folder, wan_model_options
+from sora_dist.interop.wan import TensorMap, diffusers_name, read_config, tensor_maps, transformer_folder, wan_model_options
 
 log = logging.getLogger("sora_dist")
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
 SINGLE = "diffusion_pytorch_model.safetensors"
 
 
-def weight_files(folder: Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file holding it, from the index (sharded) or the one file."""
+def weight_files(folder: Path, original: bool = False) -> dict[str, tuple[Path, str]]:
+    """Diffusers tensor name -> (the safetensors file holding it, its name there), from the index
+    (sharded) or the one file; an original Wan checkpoint's names are translated."""
     if (folder / INDEX).is_file():
-        weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
-        return {name: folder / file for name, file in weight_map.items()}
-    if (folder / SINGLE).is_file():
-        return {name: folder / SINGLE for name in _header(folder / SINGLE)}
-    raise SoraDistError(f"{folder} has neither {INDEX} nor {SINGLE}: is the download complete?")
+        weight_map = {name: folder / file for name, file in json.loads((folder / INDEX).read_text())["weight_map"].items()}
+    elif (folder / SINGLE).is_file():
+        weight_map = {name: folder / SINGLE for name in _header(folder / SINGLE)}
+    else:
+        raise SoraDistError(f"{folder} has neither {INDEX} nor {SINGLE}: is the download complete?")
+    return {(diffusers_name(name) if original else name): (path, name) for name, path in weight_map.items()}
 
 
 def _header(path: Path) -> dict:
@@ -54,21 +56,24 @@ def _header(path: Path) -> dict:
     return header
 
 
-def check_tensors(files: dict[str, Path], maps: list[TensorMap]) -> None:
+def check_tensors(files: dict[str, tuple[Path, str]], maps: list[TensorMap]) -> None:
     """Every tensor the model needs is there with its shape, and nothing else is: one line naming
     the first tensor that is not, its file and the shape wanted."""
-    headers = {path: _header(path) for path in set(files.values())}
+    headers = {path: _header(path) for path, _ in set(files.values())}
     wanted = {m.theirs: m for m in maps}
     for name, tmap in wanted.items():
         if name not in files:
-            raise SoraDistError(f"tensor {name} (shape {list(tmap.theirs_shape)}) is missing from the Wan folder {next(iter(files.values())).parent}")
-        shape = tuple(headers[files[name]][name]["shape"])
+            raise SoraDistError(f"tensor {name} (shape {list(tmap.theirs_shape)}) is missing from the Wan folder {next(iter(files.values()))[0].parent}")
+        path, stored = files[name]
+        if stored not in headers[path]:
+            raise SoraDistError(f"tensor {stored} is not in {path}, where the index puts it: re-download the folder")
+        shape = tuple(headers[path][stored]["shape"])
         if shape != tmap.theirs_shape:
-            raise SoraDistError(f"tensor {name} in {files[name]} has shape {list(shape)}, the model needs {list(tmap.theirs_shape)}: "
+            raise SoraDistError(f"tensor {stored} in {path} has shape {list(shape)}, the model needs {list(tmap.theirs_shape)}: "
                                 "does the folder match the model's preset?")
     extra = sorted(set(files) - set(wanted))
     if extra:
-        raise SoraDistError(f"tensor {extra[0]} in {files[extra[0]]} has no place in the model ({len(extra)} such): "
+        raise SoraDistError(f"tensor {files[extra[0]][1]} in {files[extra[0]][0]} has no place in the model ({len(extra)} such): "
                             "is this a different Wan variant than the preset?")
 
 
@@ -84,7 +89,7 @@ def local_part(param: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     return param, (0,) * param.dim()
 
 
-def read_local(handle, tmap: TensorMap, global_shape: tuple[int, ...], local_shape: tuple[int, ...], offset: tuple[int, ...]) -> torch.Tensor:
+def read_local(handle, stored: str, tmap: TensorMap, global_shape: tuple[int, ...], local_shape: tuple[int, ...], offset: tuple[int, ...]) -> torch.Tensor:
     """The part of our tensor at ``offset`` of ``local_shape``, read from Wan's tensor."""
     if not local_shape or 0 in local_shape:
         return torch.empty(local_shape)
@@ -92,7 +97,7 @@ def read_local(handle, tmap: TensorMap, global_shape: tuple[int, ...], local_sha
     if tmap.rows is not None:
         rows = tmap.rows[rows]
     first, last = int(rows.min()), int(rows.max()) + 1
-    source = handle.get_slice(tmap.theirs)
+    source = handle.get_slice(stored)
     if tuple(global_shape) == tmap.theirs_shape:  # same shape: read the columns too
         index = (slice(first, last), *(slice(o, o + n) for o, n in zip(offset[1:], local_shape[1:])))
         return source[index].index_select(0, rows - first)
@@ -104,27 +109,27 @@ def read_local(handle, tmap: TensorMap, global_shape: tuple[int, ...], local_sha
 
 @torch.no_grad()
 def load_wan(model: torch.nn.Module, path: str | Path) -> dict:
-    """Copy a diffusers Wan folder's weights into ``model`` (a VideoDiT with Wan's options, on one
-    device or laid out on a mesh). Checks the folder's config against the model's first. Returns
+    """Copy a diffusers Wan folder's (or an original Wan checkpoint's) weights into ``model`` (a
+    VideoDiT with Wan's options, on one device or laid out on a mesh). Checks the folder's config against the model's first. Returns
     the folder's config."""
     from safetensors import safe_open
 
     folder = transformer_folder(path)
-    config = read_config(folder)
+    config, original = read_config(folder)
     check_matches(config, model.cfg)
     maps = tensor_maps(model.cfg)
-    files = weight_files(folder)
+    files = weight_files(folder, original)
     check_tensors(files, maps)
     params = dict(model.named_parameters())
     handles = {}
     try:
         for tmap in maps:
-            file = files[tmap.theirs]
+            file, stored = files[tmap.theirs]
             if file not in handles:
                 handles[file] = safe_open(str(file), framework="pt")
             param = params[tmap.ours]
             local, offset = local_part(param)
-            local.copy_(read_local(handles[file], tmap, tuple(param.shape), tuple(local.shape), offset))
+            local.copy_(read_local(handles[file], stored, tmap, tuple(param.shape), tuple(local.shape), offset))
     finally:
         handles.clear()
     log.info("loaded %d Wan tensors from %s", len(maps), folder)

@@ -19,6 +19,7 @@ that a rank reads only the rows of its own shard (``sora_dist.interop.load``).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -56,16 +57,65 @@ def transformer_folder(path: str | Path) -> Path:
                         "pipeline folder or its transformer/ folder")
 
 
-def read_config(folder: Path) -> dict:
+ORIGINAL_CLASS = "WanModel"
+"""The original Wan repository's model class; its folders hold the same tensors under other names."""
+ORIGINAL_NAMES = [  # (original name pattern, diffusers name), applied in order, first match wins
+    (r"time_embedding\.0\.", "condition_embedder.time_embedder.linear_1."),
+    (r"time_embedding\.2\.", "condition_embedder.time_embedder.linear_2."),
+    (r"time_projection\.1\.", "condition_embedder.time_proj."),
+    (r"text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
+    (r"text_embedding\.2\.", "condition_embedder.text_embedder.linear_2."),
+    (r"head\.modulation$", "scale_shift_table"),
+    (r"head\.head\.", "proj_out."),
+    (r"(blocks\.\d+)\.modulation$", r"\1.scale_shift_table"),
+    (r"(blocks\.\d+)\.self_attn\.o\.", r"\1.attn1.to_out.0."),
+    (r"(blocks\.\d+)\.self_attn\.([qkv])\.", r"\1.attn1.to_\2."),
+    (r"(blocks\.\d+)\.self_attn\.", r"\1.attn1."),
+    (r"(blocks\.\d+)\.cross_attn\.o\.", r"\1.attn2.to_out.0."),
+    (r"(blocks\.\d+)\.cross_attn\.([qkv])\.", r"\1.attn2.to_\2."),
+    (r"(blocks\.\d+)\.cross_attn\.", r"\1.attn2."),
+    (r"(blocks\.\d+)\.norm3\.", r"\1.norm2."),  # the original names the cross-attention norm norm3
+    (r"(blocks\.\d+)\.ffn\.0\.", r"\1.ffn.net.0.proj."),
+    (r"(blocks\.\d+)\.ffn\.2\.", r"\1.ffn.net.2."),
+]
+
+
+def diffusers_name(original: str) -> str:
+    """The diffusers name of an original Wan tensor name (a ComfyUI ``model.diffusion_model.``
+    prefix dropped); names that need no change come back as they are."""
+    name = original.removeprefix("model.diffusion_model.")
+    for pattern, replacement in ORIGINAL_NAMES:
+        renamed, count = re.subn("^" + pattern, replacement, name, count=1)
+        if count:
+            return renamed
+    return name
+
+
+def original_config(config: dict) -> dict:
+    """A diffusers config for an original Wan config.json (model_type t2v or ti2v)."""
+    if config.get("model_type", "t2v") not in ("t2v", "ti2v"):
+        raise SoraDistError(f"Wan model_type {config.get('model_type')!r}: only text-to-video (t2v, ti2v) models are supported yet")
+    return {"_class_name": DIFFUSERS_CLASS, "patch_size": config.get("patch_size", [1, 2, 2]),
+            "num_attention_heads": config["num_heads"], "attention_head_dim": config["dim"] // config["num_heads"],
+            "in_channels": config["in_dim"], "out_channels": config["out_dim"], "text_dim": config["text_dim"],
+            "freq_dim": config["freq_dim"], "ffn_dim": config["ffn_dim"], "num_layers": config["num_layers"],
+            "cross_attn_norm": config.get("cross_attn_norm", True), "qk_norm": QK_NORM if config.get("qk_norm", True) else None,
+            "eps": config.get("eps", EPS)}
+
+
+def read_config(folder: Path) -> tuple[dict, bool]:
+    """(the diffusers config, whether the folder is an original Wan checkpoint) of a folder."""
     config_path = folder / "config.json"
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise SoraDistError(f"{config_path} is not valid JSON ({err}): re-download the model's config.json") from err
+    if config.get("_class_name") == ORIGINAL_CLASS:
+        return original_config(config), True
     if config.get("_class_name") != DIFFUSERS_CLASS:
         raise SoraDistError(f"{config_path} describes a {config.get('_class_name')!r}, not a {DIFFUSERS_CLASS}: "
-                            "model.init_from takes diffusers Wan 2.x transformer folders")
-    return config
+                            "model.init_from takes diffusers Wan 2.x transformer folders or original Wan checkpoint folders")
+    return config, False
 
 
 def wan_model_options(config: dict) -> dict:

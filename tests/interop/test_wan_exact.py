@@ -98,3 +98,55 @@ def test_a_wrong_mapping_step_is_caught(tmp_path, monkeypatch, plant):
     monkeypatch.setattr("sora_dist.interop.load.tensor_maps", planted)
     out, ref, _, _, _ = run_both(tmp_path, torch.float64, False)
     assert relative(out, ref) > 1e-4, relative(out, ref)
+
+
+# diffusers name -> the original Wan repository's (Wan-Video/Wan2.1 wan/modules/model.py), written
+# out here independently of sora_dist.interop.wan.ORIGINAL_NAMES.
+TO_ORIGINAL = [
+    ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."), ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
+    ("condition_embedder.time_proj.", "time_projection.1."), ("condition_embedder.text_embedder.linear_1.", "text_embedding.0."),
+    ("condition_embedder.text_embedder.linear_2.", "text_embedding.2."), ("proj_out.", "head.head."),
+    (".attn1.to_out.0.", ".self_attn.o."), (".attn2.to_out.0.", ".cross_attn.o."), (".attn1.to_", ".self_attn."), (".attn2.to_", ".cross_attn."),
+    (".attn1.", ".self_attn."), (".attn2.", ".cross_attn."), (".norm2.", ".norm3."), (".ffn.net.0.proj.", ".ffn.0."), (".ffn.net.2.", ".ffn.2."),
+    (".scale_shift_table", ".modulation"),
+]
+
+
+def original_name(name: str) -> str:
+    if name == "scale_shift_table":
+        return "head.modulation"
+    for old, new in TO_ORIGINAL:
+        if old in name:
+            return name.replace(old, new)
+    return name
+
+
+def test_an_original_wan_checkpoint_imports_to_the_same_model(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    wan = make_wan(torch.float64)
+    folder = tmp_path / "original"
+    folder.mkdir()
+    state = {original_name(k): v.contiguous() for k, v in wan.state_dict().items()}
+    assert len(state) == len(wan.state_dict())
+    names = sorted(state)
+    halves = {"diffusion_pytorch_model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for file, keys in halves.items():
+        save_file({k: state[k] for k in keys}, str(folder / file))
+    index = {"weight_map": {k: file for file, keys in halves.items() for k in keys}}
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    c = wan.config
+    (folder / "config.json").write_text(json.dumps({
+        "_class_name": "WanModel", "model_type": "t2v", "patch_size": list(c.patch_size), "text_len": 512, "in_dim": c.in_channels,
+        "dim": c.num_attention_heads * c.attention_head_dim, "ffn_dim": c.ffn_dim, "freq_dim": c.freq_dim, "text_dim": c.text_dim,
+        "out_dim": c.out_channels, "num_heads": c.num_attention_heads, "num_layers": c.num_layers, "window_size": [-1, -1],
+        "qk_norm": True, "cross_attn_norm": True, "eps": 1e-6}))
+    cfg = our_config(wan)
+    from_original, from_diffusers = empty_model(cfg), empty_model(cfg)
+    load_wan(from_original, folder)
+    load_wan(from_diffusers, save_wan(wan, tmp_path / "diffusers"))
+    for name, tensor in from_diffusers.state_dict().items():
+        assert torch.equal(from_original.state_dict()[name], tensor), name
