@@ -121,17 +121,14 @@ def load_wan(model: torch.nn.Module, path: str | Path) -> dict:
     files = weight_files(folder, original)
     check_tensors(files, maps)
     params = dict(model.named_parameters())
-    handles = {}
-    try:
-        for tmap in maps:
-            file, stored = files[tmap.theirs]
-            if file not in handles:
-                handles[file] = safe_open(str(file), framework="pt")
-            param = params[tmap.ours]
-            local, offset = local_part(param)
-            local.copy_(read_local(handles[file], stored, tmap, tuple(param.shape), tuple(local.shape), offset))
-    finally:
-        handles.clear()
+    for tmap in maps:
+        file, stored = files[tmap.theirs]
+        param = params[tmap.ours]
+        local, offset = local_part(param)
+        # Opened per tensor: the file's memory map goes with the handle, so the pages read do not
+        # stay resident (a rank's peak is its shards plus one slice, not its shards twice).
+        with safe_open(str(file), framework="pt") as handle:
+            local.copy_(read_local(handle, stored, tmap, tuple(param.shape), tuple(local.shape), offset))
     log.info("loaded %d Wan tensors from %s", len(maps), folder)
     return config
 

@@ -47,3 +47,15 @@ def test_loader_benchmark_reports_throughput_and_data_wait(tmp_path, capsys):
     assert xl["step_ms"] == 5 and xl["step_source"] == "given" and xl["samples_per_s_needed"] == 3 / 0.005
     assert rows[0]["step_source"] == "measured here"
     assert "needed/s" in capsys.readouterr().out
+
+
+def test_import_benchmark_writes_a_wan_folder_and_reports_each_ranks_memory(tmp_path, capsys):
+    """One process here (the 4-rank figure is in docs/reports): the folder it writes imports,
+    and the weights it materializes show in its resident memory."""
+    out = tmp_path / "import.json"
+    assert main(["bench-import", "--depth", "1", "--folder", str(tmp_path / "wan"), "--file-mib", "64", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["world_size"] == 1 and r["files"] >= 2 and r["model_bytes"] == 4 * r["parameters"]
+    (rank,) = r["ranks"]
+    assert rank["before_load"] - rank["overhead"] >= 0.9 * r["model_bytes"]  # one rank holds it all
+    assert rank["seconds"] > 0 and "peak - overhead" in capsys.readouterr().out
