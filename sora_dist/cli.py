@@ -184,6 +184,7 @@ MODULE_COMMANDS = {
     "bench-kernels": "sora_dist.perf.bench_kernels",
     "bench-checkpoint": "sora_dist.perf.bench_checkpoint",
     "bench-import": "sora_dist.perf.bench_import",
+    "bench-wan": "sora_dist.perf.bench_wan",
     "bench-loader": "sora_dist.perf.bench_loader",
     "bench-comm": "sora_dist.perf.bench_comm",
     "calibrate": "sora_dist.perf.calibration",
@@ -260,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench-kernels", help="attention TFLOP/s, fused kernels' GB/s, step time with fused kernels on/off")
     sub.add_parser("bench-checkpoint", help="time checkpoint save/load and async vs blocking overhead (see --help)")
     sub.add_parser("bench-import", help="peak memory per rank while importing a Wan folder onto FSDP (see --help)")
+    sub.add_parser("bench-wan", help="a Wan training step in sora_dist against diffusers, same weights and input (see --help)")
     sub.add_parser("bench-loader", help="shard streaming samples/s and MB/s, and data wait against a step time (see --help)")
     sub.add_parser("bench-comm", help="all-gather, reduce-scatter, all-reduce, all-to-all, ring send/recv on every mesh group (under torchrun)")
     sub.add_parser("calibrate", help="measure this device's achieved FLOP/s and overheads for the performance model")

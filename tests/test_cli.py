@@ -91,6 +91,7 @@ BAD_INPUTS = {
     "bench-kernels": [(["--json"], "argument --json: expected one argument"), (["--small", "extra"], "unrecognized arguments: extra")],
     "bench-checkpoint": [(["--preset", "foo"], "model.preset='foo' is unknown"), (["--steps", "0"], "0 must be at least 1")],
     "bench-import": [(["--depth", "0"], "0 must be at least 1"), (["--file-mib", "x"], "'x' is not a whole number")],
+    "bench-wan": [(["--depth", "0"], "0 must be at least 1"), (["--dtype", "int8"], "invalid choice: 'int8'")],
     "bench-loader": [(["--profiles", "foo"], "unknown profiles ['foo']: choose from demo"), (["--profiles", "custom", "--data", NOPE], "does not exist"),
                      (["--profiles", "custom"], "the custom profile streams your dataset: give --data DIR"),
                      (["--workers", "abc"], "invalid int value: 'abc'"), (["--batches", "0"], "0 must be at least 1")],

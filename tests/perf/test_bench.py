@@ -59,3 +59,12 @@ def test_import_benchmark_writes_a_wan_folder_and_reports_each_ranks_memory(tmp_
     (rank,) = r["ranks"]
     assert rank["before_load"] - rank["overhead"] >= 0.9 * r["model_bytes"]  # one rank holds it all
     assert rank["seconds"] > 0 and "peak - overhead" in capsys.readouterr().out
+
+
+def test_wan_benchmark_times_both_implementations_in_alternating_rounds(tmp_path, capsys):
+    out = tmp_path / "wan.json"
+    assert main(["bench-wan", "--depth", "1", "--ffn", "64", "--heads", "1", "--head-dim", "24", "--latent", "2", "4", "4",
+                 "--rounds", "2", "--warmup", "0", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert [len(v) for v in r["step_s_all"].values()] == [2, 2] and r["speedup_min"] <= r["speedup"] <= r["speedup_max"]
+    assert r["mfu"] is None and "diffusers / sora_dist" in capsys.readouterr().out
