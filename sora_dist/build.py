@@ -23,7 +23,6 @@ import torch.distributed as dist
 from sora_dist import device as device_lib
 from sora_dist.config import Config, resolve_model_config
 from sora_dist.errors import ConfigError
-from sora_dist.interop.load import load_wan
 from sora_dist.kernels import select_attention_backend, set_attention_backend
 from sora_dist.kernels.fused import select_fused_backend, set_fused_backend
 from sora_dist.models import DiTConfig, VideoDiT
@@ -145,8 +144,7 @@ class TrainingStack:
 
 def build_stack(cfg: Config, dev: device_lib.Device, model_cfg: DiTConfig, world_size: int) -> TrainingStack:
     """Layout, mesh, kernels, then the model built on the meta device, parallelized and
-    materialized (from model.init_from's Wan folder if given), with AdamW and its engine. Every
-    rank gets the same initial weights."""
+    materialized, with AdamW and its engine. Every rank gets the same initial weights."""
     dims = resolve_dims(cfg.parallel, world_size, model_cfg)
     if dims.engine == "deepspeed" and world_size > 1 and cfg.parallel.zero_stage == 3 and cfg.optim.ema_decay > 0:
         raise ConfigError("optim.ema_decay > 0 needs whole parameters; DeepSpeed ZeRO-3 partitions them: set optim.ema_decay=0 or use engine=fsdp")
@@ -157,8 +155,6 @@ def build_stack(cfg: Config, dev: device_lib.Device, model_cfg: DiTConfig, world
     with torch.device("meta"):
         model = VideoDiT(model_cfg)
     parallelize(model, cfg.parallel, dims, mesh, dev.torch_device, dtype)
-    if cfg.model.init_from:  # before the optimizer and engine see the weights
-        load_wan(model, cfg.model.init_from)
     optimizer, scheduler = build_optimizer(model, cfg)
     engine = make_engine(model, cfg.parallel, dims, mesh, dev.torch_device, optimizer, scheduler, cfg.optim.grad_clip, cfg.train.grad_accum, dtype is not None)
     return TrainingStack(dev, dims, mesh, model_cfg, model, optimizer, scheduler, engine, dtype)

@@ -63,10 +63,6 @@ class ModelConfig:
     as Wan was trained). None: the preset's (masked for ours)."""
     text_len: Optional[int] = None
     """Caption tokens under text_context padded; longer captions are cut. None: the preset's (512)."""
-    init_from: Optional[str] = None
-    """A diffusers Wan folder (a pipeline root or its transformer/) whose weights start training
-    or sampling: each rank reads only its own shards' slices (docs/wan.md). A run that resumes
-    from its own checkpoint ignores it."""
     attention_backend: str = "auto"
     """Attention kernel: auto (the device's best), or a name from ``sora_dist.kernels.BACKENDS``."""
     fused_backend: str = "auto"
@@ -257,7 +253,10 @@ class CheckpointConfig:
     resume: str = "auto"
     """auto: the newest complete checkpoint in dir, if any; a path: that checkpoint; none: start fresh."""
     init_from: Optional[str] = None
-    """Start from these weights (a safetensors file from `sora-dist export`) instead of random ones: fine-tuning."""
+    """Start from these weights instead of random ones (fine-tuning): a safetensors file from
+    `sora-dist export`, or a diffusers Wan folder (a pipeline root or its transformer/) or an
+    original Wan checkpoint folder, of which each rank reads only its own shards' slices
+    (docs/wan.md). A run that resumes from its own checkpoint continues from that instead."""
     save_final: bool = True
     """Write the final weights (and EMA weights) as safetensors with the config into out_dir."""
     max_failed_saves: int = 3

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
@@ -32,6 +33,7 @@ from sora_dist.config import Config, resolve_model_config, save_config
 from sora_dist.data import Batch, LatentLoader, make_synthetic, read_manifest
 from sora_dist.diffusion import build_objective
 from sora_dist.errors import ConfigError, TrainingError
+from sora_dist.interop.load import load_wan
 from sora_dist.kernels import get_attention_backend
 from sora_dist.kernels.fused import get_fused_backend
 from sora_dist.metrics import MetricsLogger, summarize
@@ -170,6 +172,8 @@ def build_run(cfg: Config, dev, world_size: int, rank: int) -> tuple[Run, object
         save_config(cfg, out_dir / "config.yaml")
     if cfg.checkpoint.init_from:
         _load_initial_weights(stack.model, cfg.checkpoint.init_from)
+    if model_cfg.text_context == "padded":
+        _set_empty_caption(stack.model, cfg.data.path, manifest)
     ema = EMA(stack.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
     # Seeded by data-parallel rank: the ranks of one SP/TP group draw the same timesteps and noise.
     generator = torch.Generator(device=dev.torch_device).manual_seed(cfg.train.seed + 1 + stack.dp_rank)
@@ -200,10 +204,27 @@ def health_check_bytes(fault, dev) -> int:
     return int(mib * 2**20)
 
 
+def _set_empty_caption(model, data_path: str, manifest) -> None:
+    """The dataset's empty-prompt states into the model: what a dropped caption becomes."""
+    if not manifest.empty_caption:
+        log.warning("the dataset records no empty-prompt text states (encode it again with `sora-dist encode`): captions "
+                    "dropped for guidance become all-zero context, not the empty prompt's as Wan was trained")
+        return
+    states = torch.from_numpy(np.load(Path(data_path) / manifest.empty_caption).astype(np.float32))[: model.cfg.text_len]
+    with torch.no_grad():
+        model.empty_caption.zero_()
+        model.empty_caption[: states.shape[0]].copy_(states)
+
+
 def _load_initial_weights(model, path: str) -> None:
-    """Fine-tuning: every rank reads the exported file and keeps its own shards."""
+    """Fine-tuning: from a Wan folder each rank reads only its own shards' slices; from a file
+    exported by `sora-dist export` every rank reads the file and keeps its own shards."""
+    if Path(path).is_dir():
+        load_wan(model, path)
+        return
     if not Path(path).is_file():
-        raise ConfigError(f"checkpoint.init_from={path} does not exist: export weights with `sora-dist export`")
+        raise ConfigError(f"checkpoint.init_from={path} does not exist: export weights with `sora-dist export`, "
+                          "or give a diffusers or original Wan folder")
     weights = load_file(path)
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
     log.info("initialized the weights from %s", path)
@@ -255,7 +276,7 @@ def _train(cfg: Config, dev, world_size: int, rank: int) -> dict[str, float]:
 def _final_weights(run: Run) -> tuple[Optional[dict], Optional[dict]]:
     """The whole weights and EMA weights on rank 0's CPU, gathered one tensor at a time (so no
     accelerator ever holds more than one whole tensor extra); None on the other ranks."""
-    ema = gather_to_rank0(run.ema.shadow) if run.ema is not None else None
+    ema = _with_buffers(run.model, gather_to_rank0(run.ema.shadow)) if run.ema is not None else None
     deepspeed = run.state.deepspeed
     if deepspeed is not None and run.dims.world_size > 1 and deepspeed.zero_optimization_stage() == 3:
         from deepspeed.zero import GatheredParameters
@@ -264,8 +285,18 @@ def _final_weights(run: Run) -> tuple[Optional[dict], Optional[dict]]:
         for name, param in run.model.named_parameters():
             with GatheredParameters([param]):
                 weights[name] = param.detach().to("cpu", copy=True)
-        return (weights if dist.get_rank() == 0 else None), ema
+        return (_with_buffers(run.model, weights) if dist.get_rank() == 0 else None), ema
     return gather_to_rank0(run.model.state_dict()), ema
+
+
+def _with_buffers(model: torch.nn.Module, weights: Optional[dict]) -> Optional[dict]:
+    """Parameters (EMA's, or gathered by hand) completed with the model's saved buffers (the
+    empty-prompt states), which every rank holds whole; None stays None (ranks other than 0)."""
+    if weights is None:
+        return None
+    params = {name for name, _ in model.named_parameters()}
+    buffers = {_clean(k): v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k not in params}
+    return {**buffers, **weights}
 
 
 def _clean(name: str) -> str:
@@ -296,7 +327,7 @@ def _finish(cfg, model_cfg, weights, ema_weights, objective, loader, history, ou
 
 def _write_training_samples(run: Run, step: int) -> None:
     """Gather the EMA weights (every rank joins) and sample them on rank 0."""
-    weights = gather_to_rank0(run.ema.shadow if run.ema is not None else run.model.state_dict())
+    weights = _with_buffers(run.model, gather_to_rank0(run.ema.shadow)) if run.ema is not None else gather_to_rank0(run.model.state_dict())
     if run.samples is None:
         return
     single = VideoDiT(run.model_cfg).to(run.dev.torch_device)

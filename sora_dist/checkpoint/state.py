@@ -142,15 +142,19 @@ def weight_reader(path: Path, shapes: dict[str, torch.Size], ema: bool) -> tuple
     """(read, which): ``read(names)`` loads those whole fp32 tensors alone from a DCP checkpoint
     (no process group needed), the EMA weights if asked and saved, else the raw ones ('ema' or
     'model'). Reading a few at a time bounds memory by their size, not the model's."""
-    has_ema = any(key.startswith("ema.") for key in read_metadata(path).state_dict_metadata)
+    saved = set(read_metadata(path).state_dict_metadata)
+    has_ema = any(key.startswith("ema.") for key in saved)
     use = "ema" if ema and has_ema else "model"
     if ema and not has_ema:
         log.warning("%s has no EMA weights (optim.ema_decay was 0): exporting the raw weights", path)
 
     def read(names: list[str]) -> dict[str, torch.Tensor]:
-        target = {use: {name: torch.empty(shapes[name]) for name in names}}
+        # Buffers (the empty-prompt states) have no EMA: they come from the model's state.
+        target: dict[str, dict[str, torch.Tensor]] = {"ema": {}, "model": {}}
+        for name in names:
+            target[use if f"{use}.{name}" in saved else "model"][name] = torch.empty(shapes[name])
         with single_process_ok():
-            dcp.load(target, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
-        return target[use]
+            dcp.load({k: v for k, v in target.items() if v}, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
+        return {**target["model"], **target["ema"]}
 
     return read, use

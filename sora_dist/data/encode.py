@@ -25,12 +25,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from sora_dist import device as device_lib
 from sora_dist.data.encoders import TextEncoder, VideoVAE
-from sora_dist.data.format import Manifest, Sample, shape_key, shard_name
+from sora_dist.data.format import EMPTY_CAPTION, Manifest, Sample, shape_key, shard_name
 from sora_dist.data.media import Bucket, InputItem, SkipInput, check_buckets, list_inputs, read_clip
 from sora_dist.data.writer import add_sample, write_manifest
 from sora_dist.errors import ConfigError, DataError, require_extra
@@ -99,6 +100,16 @@ def _check_job(state: Path, fingerprint: dict[str, Any], rank: int) -> None:
         tmp = job.with_suffix(".tmp")
         tmp.write_text(json.dumps(fingerprint, indent=1))
         os.replace(tmp, job)
+
+
+def write_empty_caption(text: TextEncoder, out: Path) -> None:
+    """The text encoder's states for the empty prompt, as ``Manifest.empty_caption`` names them:
+    what models with padded caption context (Wan) see for a dropped caption and for guidance."""
+    states, _ = text.encode([""])[0]
+    tmp = out / (EMPTY_CAPTION + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, states)
+    os.replace(tmp, out / EMPTY_CAPTION)
 
 
 def _record_path(state: Path, chunk: int) -> Path:
@@ -223,6 +234,8 @@ def run_encode(cfg: EncodeConfig) -> Optional[dict[str, Any]]:
     if mine:
         dev = device_lib.detect(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
         encoder = Encoder(cfg, buckets, dev)
+        if rank == 0:
+            write_empty_caption(encoder.text, out)
         started, last_log, kept = time.monotonic(), 0.0, 0
         for done, chunk in enumerate(mine, 1):
             kept += encoder.encode_chunk(chunk, items[chunk * cfg.samples_per_shard : (chunk + 1) * cfg.samples_per_shard], out, state)["samples"]

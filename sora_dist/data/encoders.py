@@ -16,6 +16,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from sora_dist.data.format import EMPTY_CAPTION
 from sora_dist.errors import ConfigError, require_extra
 
 # diffusers class -> how it is applied; the compression factors are read from each one's config.
@@ -140,7 +141,7 @@ class TextEncoder:
 
     def manifest_fields(self) -> dict[str, Any]:
         return {"text_encoder": self.name, "text_encoder_subfolder": self.subfolder,
-                "tokenizer_subfolder": self.tokenizer_subfolder, "max_text_length": self.max_length}
+                "tokenizer_subfolder": self.tokenizer_subfolder, "max_text_length": self.max_length, "empty_caption": EMPTY_CAPTION}
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> list[tuple[np.ndarray, Optional[np.ndarray]]]:

@@ -20,6 +20,8 @@ from sora_dist.errors import CorruptSampleError, DataError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+EMPTY_CAPTION = "empty_caption.npy"
+"""The text encoder's states for the empty prompt, beside the manifest (Manifest.empty_caption)."""
 
 
 def shard_name(index: int) -> str:
@@ -61,6 +63,9 @@ class Manifest:
     """Subfolder holding the tokenizer; empty means the model's."""
     max_text_length: int = 0
     """Captions were truncated to this many tokens; 0 where the writer did not say."""
+    empty_caption: str = ""
+    """File in the dataset folder holding the text encoder's states for the empty prompt, (L, D)
+    float16 (``EMPTY_CAPTION``); empty where the writer did not record it."""
     compression: dict[str, int] = field(default_factory=lambda: {"temporal": 1, "spatial": 1})
     """Pixel-to-latent compression of the VAE."""
     format_version: int = FORMAT_VERSION

@@ -53,7 +53,7 @@ def transformer_folder(path: str | Path) -> Path:
     for folder in (path, path / "transformer"):
         if (folder / "config.json").is_file():
             return folder
-    raise SoraDistError(f"{path} holds no config.json (nor transformer/config.json): point model.init_from at a diffusers Wan "
+    raise SoraDistError(f"{path} holds no config.json (nor transformer/config.json): point checkpoint.init_from at a diffusers Wan "
                         "pipeline folder or its transformer/ folder")
 
 
@@ -114,7 +114,7 @@ def read_config(folder: Path) -> tuple[dict, bool]:
         return original_config(config), True
     if config.get("_class_name") != DIFFUSERS_CLASS:
         raise SoraDistError(f"{config_path} describes a {config.get('_class_name')!r}, not a {DIFFUSERS_CLASS}: "
-                            "model.init_from takes diffusers Wan 2.x transformer folders or original Wan checkpoint folders")
+                            "checkpoint.init_from takes diffusers Wan 2.x transformer folders or original Wan checkpoint folders")
     return config, False
 
 

@@ -375,6 +375,11 @@ class VideoDiT(nn.Module):
             # An always-visible context token: a sample whose caption was dropped (all text masked)
             # attends to it alone, which is the unconditional model of classifier-free guidance.
             self.null_text = nn.Parameter(torch.empty(1, 1, d))
+        else:
+            # The text encoder's states for the empty prompt, zero-padded: what a dropped caption
+            # (all text masked) becomes, as Wan's pipeline feeds its negative prompt. Zeros until
+            # the trainer copies in the dataset's (data.Manifest.empty_caption); saved with the weights.
+            self.register_buffer("empty_caption", torch.zeros(cfg.text_len, cfg.text_dim))
         if cfg.modulation == "shared":  # the blocks' modulation, projected once from the timestep embedding
             self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.rope = RotaryEmbedding3D(cfg.head_dim, cfg.rope_theta)
@@ -397,6 +402,8 @@ class VideoDiT(nn.Module):
             nn.init.normal_(linear.weight, std=0.02)
         if hasattr(self, "null_text"):
             nn.init.normal_(self.null_text, std=0.02)
+        else:
+            self.empty_caption.zero_()
         # adaLN-Zero: every block starts as the identity, and the output starts at zero.
         zeroed = [self.final_layer.linear]
         if self.cfg.modulation == "shared":
@@ -449,10 +456,13 @@ class VideoDiT(nn.Module):
     def caption_context(self, text: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The cross-attention context and its key mask. "masked": the null token then the
         caption's tokens, (B, 1+L, D), with the mask. "padded" (Wan): the caption's real tokens
-        (a prefix, by the mask) then zeros up to text_len, all attended to: no mask."""
+        (a prefix, by the mask) then zeros up to text_len, all attended to: no mask; a caption
+        with no token is the empty prompt's (``empty_caption``)."""
         if self.cfg.text_context == "padded":
             text = text.masked_fill(~text_mask[..., None], 0.0)[:, : self.cfg.text_len]
             text = F.pad(text, (0, 0, 0, self.cfg.text_len - text.shape[1]))
+            dropped = ~text_mask.any(dim=1)  # (B,): the unconditional rows of guidance and caption dropout
+            text = torch.where(dropped[:, None, None], self.empty_caption.to(text.dtype)[None], text)
             return self.text_embedder(text), None
         b = text.shape[0]
         context = torch.cat([self.null_text.expand(b, -1, -1), self.text_embedder(text)], dim=1)

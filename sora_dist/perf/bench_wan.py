@@ -6,7 +6,7 @@ in alternating rounds.
   sora-dist bench-wan --heads 12 --depth 30 --ffn 8960 --latent 21 60 104 --dtype bf16   # 1.3B at 32,760 tokens, GPU
 
 diffusers builds a random model from a Wan config, which is saved and imported into sora_dist
-(``model.init_from``'s loader), so both hold the same weights. Each round times one step of each,
+(``checkpoint.init_from``'s loader), so both hold the same weights. Each round times one step of each,
 the order alternating; the result is each side's median step and their ratio (diffusers' time
 over ours: above 1 means sora_dist is faster), with the spread of the per-round ratios.
 """

@@ -255,6 +255,11 @@ def test_two_ranks_write_the_same_dataset_and_it_trains(inputs, models, encoded,
 
     manifest = read_manifest(out)
     assert (manifest.text_encoder, manifest.max_text_length) == (str(models / "t5"), 256)
+    # The empty prompt's states, for models whose dropped captions are the empty prompt (Wan).
+    from sora_dist.data.encoders import TextEncoder
+
+    expected, _ = TextEncoder(str(models / "t5")).encode([""])[0]
+    assert manifest.empty_caption == "empty_caption.npy" and np.array_equal(np.load(out / manifest.empty_caption), expected)
     prompt = "a blue ball grows on grass"
     assert prompt not in CAPTIONS
     samples = tmp_path / "samples"

@@ -1,10 +1,12 @@
-"""Import a diffusers Wan folder with model.init_from, fine-tune it with the trainer, export the
+"""Import a diffusers Wan folder with checkpoint.init_from, fine-tune it with the trainer, export the
 checkpoint with `sora-dist export --format diffusers`, and load the export with diffusers; and
 the one-line refusals of folders that are not the configured Wan model."""
 
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,15 +27,23 @@ WAN_MODEL = ["--model.hidden_size=36", "--model.depth=2", "--model.num_heads=3",
              "--model.text_context=padded", "--model.qk_norm_scope=all_heads"]
 
 
+EMPTY_PROMPT = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float16)  # a text encoder's states for ""
+
+
 @pytest.fixture(scope="module")
 def finetuned(synthetic_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("wan")
     wan = make_wan(torch.float32, text_dim=32)
     save_wan(wan, root / "pipeline" / "transformer", max_shard_size="20KB")
+    data = root / "data"  # the synthetic data, with the empty prompt's states recorded as `encode` does
+    shutil.copytree(synthetic_dir, data)
+    np.save(data / "empty_caption.npy", EMPTY_PROMPT)
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "empty_caption": "empty_caption.npy"}))
     cfg = load_config(REPO / "configs" / "demo.yaml", [
-        f"--data.path={synthetic_dir}", f"--train.out_dir={root / 'run'}", "--data.num_workers=0", "--train.max_minutes=0",
+        f"--data.path={data}", f"--train.out_dir={root / 'run'}", "--data.num_workers=0", "--train.max_minutes=0",
         "--logging.tensorboard=false", "--train.steps=6", "--logging.log_every=1", "--checkpoint.every_steps=6",
-        "--optim.warmup_steps=1", f"--model.init_from={root / 'pipeline'}", *WAN_MODEL])
+        "--optim.warmup_steps=1", f"--checkpoint.init_from={root / 'pipeline'}", *WAN_MODEL])
     summary = trainer.train(cfg)
     return root, wan, summary
 
@@ -43,6 +53,10 @@ def test_an_imported_wan_fine_tunes_and_exports_to_diffusers(finetuned):
 
     root, wan, summary = finetuned
     assert summary["steps"] == 6 and torch.isfinite(torch.tensor(summary["last_loss"]))
+    from safetensors.torch import load_file
+
+    empty = load_file(root / "run" / "model.safetensors")["empty_caption"]  # the dataset's empty prompt, zero-padded
+    assert torch.equal(empty[:3], torch.from_numpy(EMPTY_PROMPT.astype(np.float32))) and not empty[3:].any()
     checkpoint = newest_complete(root / "run" / "checkpoints")
     assert main(["export", str(checkpoint), "--format", "diffusers", "--dtype", "fp32", "--raw", "--shard-gib", "0.00002",
                  "--out", str(root / "export")]) == 0

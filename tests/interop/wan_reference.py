@@ -44,7 +44,9 @@ def our_config(wan) -> DiTConfig:
 def empty_model(cfg: DiTConfig, dtype=torch.float64) -> VideoDiT:
     with torch.device("meta"):
         model = VideoDiT(cfg)
-    return model.to_empty(device="cpu").to(dtype)
+    model = model.to_empty(device="cpu").to(dtype)
+    model.init_weights()  # the weights are overwritten by an import; the empty-prompt buffer stays zero
+    return model
 
 
 def inputs(cfg: DiTConfig, dtype=torch.float64, per_frame_t: bool = False, seed: int = 1):

@@ -5,7 +5,7 @@ from einops import rearrange
 from sora_dist.config import ModelConfig
 from sora_dist.kernels import BACKENDS, attention, set_attention_backend
 from sora_dist.config import resolve_model_config
-from sora_dist.models import VideoDiT, count_parameters
+from sora_dist.models import DiTConfig, VideoDiT, count_parameters
 from sora_dist.kernels.fused import rope as apply_rope
 from sora_dist.models.dit import AllHeadsRMSNorm, rope_angles, rope_dims
 
@@ -212,3 +212,24 @@ def test_all_heads_qk_norm_is_one_rms_norm_over_the_flat_projection():
     assert model.blocks[0].attn.q_norm.weight.shape == (all_heads.hidden_size,)
     assert count_parameters(all_heads) == sum(p.numel() for p in model.parameters())
     assert count_parameters(all_heads) - count_parameters(per_head) == 4 * all_heads.depth * (all_heads.hidden_size - all_heads.head_dim)
+
+
+def test_a_dropped_caption_is_the_empty_prompt_under_padded_context():
+    """Wan's unconditional input: the text encoder's states for "" zero-padded, not zeros; a row
+    with no caption token (caption dropout, guidance's unconditional half) gets exactly that."""
+    cfg = DiTConfig(in_channels=4, text_dim=8, hidden_size=32, depth=1, num_heads=2, modulation="shared", text_context="padded", text_len=6)
+    torch.manual_seed(0)
+    model = VideoDiT(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    empty = torch.randn(2, 8)
+    model.empty_caption[:2] = empty
+    x, t = torch.randn(2, 4, 1, 4, 4), torch.tensor([300.0, 300.0])
+    text, mask = torch.randn(2, 3, 8), torch.tensor([[True, True, False], [False, False, False]])
+    out = model(x, t, text, mask)
+    given = text.clone()
+    given[1] = torch.cat([empty, torch.zeros(1, 8)])  # the empty prompt's states given as a caption
+    as_empty = model(x, t, given, torch.tensor([[True, True, False], [True, True, False]]))
+    torch.testing.assert_close(out, as_empty, rtol=0, atol=0)
+    zeros = model(x, t, torch.zeros_like(text), torch.ones_like(mask))
+    assert not torch.allclose(out[1], zeros[1])
