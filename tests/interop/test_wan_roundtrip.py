@@ -23,8 +23,8 @@ from wan_reference import empty_model, inputs, make_wan, our_config, save_wan, w
 
 REPO = Path(__file__).parents[2]
 # The tiny Wan of wan_reference with the synthetic data's 32-wide captions and 4 latent channels.
-WAN_MODEL = ["--model.hidden_size=36", "--model.depth=2", "--model.num_heads=3", "--model.ffn_dim=50", "--model.modulation=shared",
-             "--model.text_context=padded", "--model.qk_norm_scope=all_heads"]
+WAN_MODEL = ["--model.hidden_size=36", "--model.depth=2", "--model.num_heads=3", "--model.ffn_dim=50", "--model.in_channels=4",
+             "--model.text_dim=32"]
 
 
 EMPTY_PROMPT = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float16)  # a text encoder's states for ""
@@ -40,10 +40,12 @@ def finetuned(synthetic_dir, tmp_path_factory):
     np.save(data / "empty_caption.npy", EMPTY_PROMPT)
     manifest = json.loads((data / "manifest.json").read_text())
     (data / "manifest.json").write_text(json.dumps({**manifest, "empty_caption": "empty_caption.npy"}))
-    cfg = load_config(REPO / "configs" / "demo.yaml", [
+    # The shipped 1.3B fine-tuning config, its model shrunk to the tiny Wan (the preset's options stay).
+    cfg = load_config(REPO / "configs" / "wan2.1_t2v_1.3b.yaml", [
         f"--data.path={data}", f"--train.out_dir={root / 'run'}", "--data.num_workers=0", "--train.max_minutes=0",
         "--logging.tensorboard=false", "--train.steps=6", "--logging.log_every=1", "--checkpoint.every_steps=6",
-        "--optim.warmup_steps=1", f"--checkpoint.init_from={root / 'pipeline'}", *WAN_MODEL])
+        "--checkpoint.async_save=false", "--optim.warmup_steps=1", "--optim.lr=1e-3", "--train.sample_shape=[2,8,8]",
+        "--parallel.activation_checkpointing=none", f"--checkpoint.init_from={root / 'pipeline'}", *WAN_MODEL])
     summary = trainer.train(cfg)
     return root, wan, summary
 
@@ -75,6 +77,32 @@ def test_an_imported_wan_fine_tunes_and_exports_to_diffusers(finetuned):
         out = ours(x, t, text, mask)
         ref = exported(*wan_inputs(ours.cfg, x, t, text, mask), return_dict=False)[0]
     assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
+
+
+    # Sampling: our Euler sampler with guidance against the same Euler steps on diffusers' model,
+    # whose unconditional half is fed the empty prompt as Wan's pipeline feeds a negative prompt.
+    from sora_dist.config import DiffusionConfig
+    from sora_dist.diffusion.objectives import FlowObjective
+    from sora_dist.diffusion.samplers import euler_sample, guided
+    from sora_dist.diffusion.schedules import shift_time
+
+    scale, steps, shift = 5.0, 4, 3.0
+    objective = FlowObjective(DiffusionConfig(shift=shift), ours.cfg.patch_size)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    ours.load_state_dict({**ours.state_dict(), "empty_caption": load_file(root / "run" / "model.safetensors")["empty_caption"]})
+    with torch.no_grad():
+        sampled = euler_sample(objective, guided(ours, text, mask, scale), noise, steps)
+        empty = torch.from_numpy(EMPTY_PROMPT.astype(np.float32))[None].expand(x.shape[0], -1, -1)
+        _, _, cond_text = wan_inputs(ours.cfg, x, t, text, mask)
+        _, _, uncond_text = wan_inputs(ours.cfg, x, t, empty, torch.ones(empty.shape[:2], dtype=torch.bool))
+        times = shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).tolist()
+        z = noise
+        for t_now, t_next in zip(times[:-1], times[1:]):
+            timestep = torch.full((z.shape[0],), t_now * 1000)
+            cond = exported(z, timestep, cond_text, return_dict=False)[0]
+            uncond = exported(z, timestep, uncond_text, return_dict=False)[0]
+            z = z + (t_next - t_now) * (uncond + scale * (cond - uncond))
+    assert ((sampled - z).norm() / z.norm()).item() <= 1e-5
 
 
 def test_export_with_a_base_writes_a_pipeline_folder(finetuned, tmp_path):
