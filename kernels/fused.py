@@ -68,6 +68,13 @@ def reference_rms_norm(x, weight, eps=1e-6):
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
+def reference_all_heads_rms_norm(x, weight, eps=1e-6):
+    """(B, H, N, Dh) x normalized over all heads' channels of each token, times the (H*Dh) weight."""
+    x32 = _at_least_fp32(x)
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=(1, 3), keepdim=True) + eps)
+    return normed.type_as(x) * weight.view(x.shape[1], 1, -1)
+
+
 def reference_rope(x, cos, sin):
     x1, x2 = _at_least_fp32(x).chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
@@ -195,6 +202,18 @@ def rms_norm(x, weight, eps: float = 1e-6):
 
         return npu_ops().npu_rms_norm(x, weight, epsilon=eps)[0]
     return reference_rms_norm(x, weight, eps)
+
+
+def all_heads_rms_norm(x, weight, eps: float = 1e-6):
+    """RMS-normalize (B, H, N, Dh) over all heads' channels of each token (Wan's QK-norm), times
+    the (H*Dh) weight. x is a head view of a flat (B, N, H*Dh) projection: one fused norm over
+    that (torch's rms_norm, as diffusers' torch.nn.RMSNorm). Under tensor parallelism x is a
+    DTensor split by heads and the reference's reductions span the ranks' heads."""
+    if any(isinstance(t, DTensor) for t in (x, weight)):
+        return reference_all_heads_rms_norm(x, weight, eps)
+    b, h, n, dh = x.shape
+    flat = x.transpose(1, 2).reshape(b, n, h * dh)
+    return F.rms_norm(flat, (h * dh,), weight, eps).view(b, n, h, dh).transpose(1, 2)
 
 
 def rope(x, cos, sin):

@@ -27,10 +27,12 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from sora_dist.kernels import attention
-from sora_dist.kernels.fused import gated_residual, modulated_layer_norm, rms_norm
+from sora_dist.kernels.fused import all_heads_rms_norm, gated_residual, modulated_layer_norm, rms_norm
 from sora_dist.kernels.fused import rope as rope_rotate
 
 TIMESTEP_FREQ_DIM = 256
+EMPTY_CAPTION_TOKENS = 16
+"""Tokens kept of the empty prompt's text states (padded context): "" is one or two tokens."""
 
 
 @dataclass(frozen=True)
@@ -206,9 +208,7 @@ class AllHeadsRMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # at least fp32; float64 stays
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=(1, 3), keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight.view(self.num_heads, 1, -1)
+        return all_heads_rms_norm(x, self.weight, self.eps)
 
 
 class TimestepEmbedder(nn.Module):
@@ -379,7 +379,7 @@ class VideoDiT(nn.Module):
             # The text encoder's states for the empty prompt, zero-padded: what a dropped caption
             # (all text masked) becomes, as Wan's pipeline feeds its negative prompt. Zeros until
             # the trainer copies in the dataset's (data.Manifest.empty_caption); saved with the weights.
-            self.register_buffer("empty_caption", torch.zeros(cfg.text_len, cfg.text_dim))
+            self.register_buffer("empty_caption", torch.zeros(min(EMPTY_CAPTION_TOKENS, cfg.text_len), cfg.text_dim))
         if cfg.modulation == "shared":  # the blocks' modulation, projected once from the timestep embedding
             self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.rope = RotaryEmbedding3D(cfg.head_dim, cfg.rope_theta)
@@ -453,17 +453,35 @@ class VideoDiT(nn.Module):
             tokens = block(tokens, block_c, context, context_mask, rope, frames)
         return self.unpatchify(self.final_layer(tokens, c, frames), (t_len, h, w))
 
+    def padded_context(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """(B, text_len, D): the embedded caption tokens then the embedding of a zero token up to
+        text_len, as if the zero-padded captions were embedded whole. The projection is row-wise,
+        so only the rows that hold a token (at least the empty prompt's) are projected, and the
+        zero token once: with a 100-token caption, a fifth of the 512 rows."""
+        length, empty = self.cfg.text_len, self.empty_caption.to(text.dtype)
+        rows = min(length, max(text.shape[1], empty.shape[0]))
+        text, text_mask = text[:, :rows], text_mask[:, :rows]
+        text = text.masked_fill(~text_mask[..., None], 0.0)
+        if text.shape[1] < rows:
+            text = F.pad(text, (0, 0, 0, rows - text.shape[1]))
+        # A row with no token (guidance's unconditional half, caption dropout) is the empty prompt:
+        # its first rows take the prompt's states (the rest are zero already).
+        dropped = ~text_mask.any(dim=1)
+        first = min(rows, empty.shape[0])
+        text[:, :first] = torch.where(dropped[:, None, None], empty[None, :first], text[:, :first])
+        context = self.text_embedder(text)
+        if rows == length:
+            return context
+        zero_token = self.text_embedder(text.new_zeros(text.shape[0], 1, text.shape[2]))  # one per sample, as counted
+        return torch.cat([context, zero_token.expand(-1, length - rows, -1)], dim=1)
+
     def caption_context(self, text: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The cross-attention context and its key mask. "masked": the null token then the
         caption's tokens, (B, 1+L, D), with the mask. "padded" (Wan): the caption's real tokens
         (a prefix, by the mask) then zeros up to text_len, all attended to: no mask; a caption
         with no token is the empty prompt's (``empty_caption``)."""
         if self.cfg.text_context == "padded":
-            text = text.masked_fill(~text_mask[..., None], 0.0)[:, : self.cfg.text_len]
-            text = F.pad(text, (0, 0, 0, self.cfg.text_len - text.shape[1]))
-            dropped = ~text_mask.any(dim=1)  # (B,): the unconditional rows of guidance and caption dropout
-            text = torch.where(dropped[:, None, None], self.empty_caption.to(text.dtype)[None], text)
-            return self.text_embedder(text), None
+            return self.padded_context(text, text_mask), None
         b = text.shape[0]
         context = torch.cat([self.null_text.expand(b, -1, -1), self.text_embedder(text)], dim=1)
         return context, torch.cat([text_mask.new_ones(b, 1), text_mask], dim=1)

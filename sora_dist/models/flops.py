@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from sora_dist.models.dit import TIMESTEP_FREQ_DIM, DiTConfig
+from sora_dist.models.dit import EMPTY_CAPTION_TOKENS, TIMESTEP_FREQ_DIM, DiTConfig
 
 
 def _linear(n_in: int, n_out: int) -> int:
@@ -48,6 +48,16 @@ def context_len(cfg: DiTConfig, text_len: int) -> int:
     return cfg.text_len if cfg.text_context == "padded" else text_len + 1
 
 
+def projected_text_rows(cfg: DiTConfig, text_len: int) -> int:
+    """Rows the caption projection runs on for a caption of ``text_len`` tokens: those, or under
+    text_context "padded" the caption's rows (at least the empty prompt's) plus one zero token
+    standing for the padding (VideoDiT.padded_context)."""
+    if cfg.text_context != "padded":
+        return text_len
+    rows = min(cfg.text_len, max(text_len, EMPTY_CAPTION_TOKENS))
+    return rows + (1 if rows < cfg.text_len else 0)
+
+
 class Matmuls(NamedTuple):
     """Forward FLOPs of one kind of matmul for one sample, and how a parallel layout divides them."""
 
@@ -69,7 +79,7 @@ def forward_matmuls(cfg: DiTConfig, latent_shape: tuple[int, int, int], text_len
     modulation run once per patch frame instead of once per sample."""
     d, m, p_c = cfg.hidden_size, cfg.mlp_hidden, cfg.patch_volume * cfg.in_channels
     ctx = context_len(cfg, text_len)
-    text_len = cfg.text_len if cfg.text_context == "padded" else text_len
+    text_len = projected_text_rows(cfg, text_len)
     n = cfg.num_tokens(latent_shape)
     conditions = cfg.grid(latent_shape)[0] if per_frame_t else 1
     blocks = cfg.depth

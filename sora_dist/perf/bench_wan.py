@@ -6,7 +6,10 @@ in alternating rounds.
   sora-dist bench-wan --heads 12 --depth 30 --ffn 8960 --latent 21 60 104 --dtype bf16   # 1.3B at 32,760 tokens, GPU
 
 diffusers builds a random model from a Wan config, which is saved and imported into sora_dist
-(``checkpoint.init_from``'s loader), so both hold the same weights. Each round times one step of each,
+(``checkpoint.init_from``'s loader), so both hold the same weights. The caption has
+``--caption-tokens`` real tokens; diffusers gets it zero-padded to 512 as Wan's pipeline pads it,
+sora_dist gets the tokens and their mask (it projects only the caption's rows and one zero token,
+then attends to the same 512). Each round times one step of each,
 the order alternating; the result is each side's median step and their ratio (diffusers' time
 over ours: above 1 means sora_dist is faster), with the spread of the per-round ratios.
 """
@@ -57,13 +60,16 @@ def build_pair(args, dev):
     return theirs.to(dev.torch_device, dtype), ours.to(dev.torch_device, dtype)
 
 
-def make_inputs(cfg: DiTConfig, latent, dtype, device):
+def make_inputs(cfg: DiTConfig, latent, caption_tokens: int, dtype, device):
+    """(x, t, a caption of ``caption_tokens`` real tokens and its mask) for ours, and the same
+    caption zero-padded to 512 tokens as Wan's pipeline gives it to diffusers."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, cfg.in_channels, *latent, generator=g).to(device, dtype)
     t = torch.tensor([500.0], device=device)
-    text = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g).to(device, dtype)
-    mask = torch.ones(1, cfg.text_len, dtype=torch.bool, device=device)
-    return x, t, text, mask
+    text = torch.randn(1, caption_tokens, cfg.text_dim, generator=g).to(device, dtype)
+    mask = torch.ones(1, caption_tokens, dtype=torch.bool, device=device)
+    padded = torch.nn.functional.pad(text, (0, 0, 0, cfg.text_len - caption_tokens))
+    return x, t, text, mask, padded
 
 
 def step_seconds(run, dev) -> float:
@@ -79,13 +85,13 @@ def benchmark(args) -> dict:
     set_attention_backend(select_attention_backend(dev.kind, dev.capability))
     set_fused_backend(select_fused_backend(dev.kind))
     theirs, ours = build_pair(args, dev)
-    x, t, text, mask = make_inputs(ours.cfg, args.latent, DTYPES[args.dtype], dev.torch_device)
+    x, t, text, mask, padded = make_inputs(ours.cfg, args.latent, args.caption_tokens, DTYPES[args.dtype], dev.torch_device)
 
     def ours_step():
         ours(x, t, text, mask).float().square().mean().backward()
 
     def theirs_step():
-        theirs(x, t, text, return_dict=False)[0].float().square().mean().backward()
+        theirs(x, t, padded, return_dict=False)[0].float().square().mean().backward()
 
     for _ in range(args.warmup):
         ours_step(), theirs_step()
@@ -96,16 +102,17 @@ def benchmark(args) -> dict:
             times[name].append(step_seconds(run, dev))
         print(f"bench-wan: round {i + 1}/{args.rounds}", flush=True)
     ratios = [b / a for a, b in zip(times["sora_dist"], times["diffusers"])]
-    flops = train_flops(ours.cfg, tuple(args.latent), ours.cfg.text_len)
+    flops = train_flops(ours.cfg, tuple(args.latent), args.caption_tokens)
     peak = dev.peak_flops
     medians = {name: statistics.median(v) for name, v in times.items()}
-    return {"device": dev.name, "dtype": args.dtype, "tokens": ours.cfg.num_tokens(tuple(args.latent)), "parameters": sum(p.numel() for p in ours.parameters()),
+    return {"device": dev.name, "dtype": args.dtype, "tokens": ours.cfg.num_tokens(tuple(args.latent)), "caption_tokens": args.caption_tokens, "parameters": sum(p.numel() for p in ours.parameters()),
             "step_s": medians, "step_s_all": times, "speedup": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
             "mfu": {name: flops / s / peak for name, s in medians.items()} if peak else None}
 
 
 def print_result(r: dict) -> None:
-    print(f"{r['parameters'] / 1e6:.1f}M-parameter Wan-shaped model, {r['tokens']} tokens, {r['dtype']} on {r['device']}")
+    print(f"{r['parameters'] / 1e6:.1f}M-parameter Wan-shaped model, {r['tokens']} tokens, a caption of {r['caption_tokens']} "
+          f"tokens padded to 512, {r['dtype']} on {r['device']}")
     for name, seconds in r["step_s"].items():
         mfu = f"  MFU {r['mfu'][name]:.1%}" if r["mfu"] else ""
         print(f"  {name:<10} step (median) {seconds * 1e3:9.1f} ms{mfu}")
@@ -121,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ffn", type=positive_int, default=1024)
     parser.add_argument("--latent", type=positive_int, nargs=3, default=[4, 16, 16], metavar=("T", "H", "W"))
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    parser.add_argument("--caption-tokens", type=positive_int, default=120, help="real caption tokens (of the 512 Wan pads to)")
     parser.add_argument("--rounds", type=positive_int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="auto")

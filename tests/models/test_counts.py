@@ -37,7 +37,7 @@ def test_an_ffn_width_given_directly_overrides_the_ratio():
 
 
 # Wan's options: one shared modulation projection with per-block tables, fixed unmasked context.
-WAN_OPTIONS = {"modulation": "shared", "text_context": "padded", "text_len": 11, "qk_norm_scope": "all_heads", "ffn_dim": 100}
+WAN_OPTIONS = {"modulation": "shared", "text_context": "padded", "text_len": 40, "qk_norm_scope": "all_heads", "ffn_dim": 100}
 
 
 def test_parameter_formula_counts_wan_options():
