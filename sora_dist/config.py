@@ -89,6 +89,10 @@ class DiffusionConfig:
     """Flow only: token count at which the resolution-dependent shift is 1."""
     caption_dropout: float = 0.1
     """Probability of dropping a sample's caption during training (enables guidance)."""
+    timestep_range: Optional[tuple[float, float]] = None
+    """Flow only: train on timesteps in [low, high] of 0-1000 alone, drawn from the usual law
+    truncated to it: one expert of a two-expert model (Wan 2.2 A14B: [875, 1000] for the
+    high-noise expert, [0, 875] for the low-noise one). None: all timesteps."""
     sampler: Literal["euler", "ddpm", "ddim"] = "euler"
     """Sampler used at the end of training and by ``sora-dist sample``; euler goes with flow."""
     sample_steps: int = 50
@@ -554,6 +558,8 @@ def _validate_training(cfg: Config) -> None:
     d = cfg.diffusion
     _require(d.num_timesteps >= 2, f"diffusion.num_timesteps={d.num_timesteps} must be at least 2")
     _require(0.0 <= d.caption_dropout < 1.0, f"diffusion.caption_dropout={d.caption_dropout} must be in [0, 1)")
+    _require(d.timestep_range is None or (0.0 <= d.timestep_range[0] < d.timestep_range[1] <= 1000.0 and d.objective == "flow"),
+             f"diffusion.timestep_range={d.timestep_range} must be [low, high] with 0 <= low < high <= 1000, under objective flow")
     _require(d.logit_normal_std > 0, f"diffusion.logit_normal_std={d.logit_normal_std} must be positive")
     _require(d.shift is None or d.shift > 0, f"diffusion.shift={d.shift} must be positive (or null for auto)")
     _require(d.sample_steps >= 1, f"diffusion.sample_steps={d.sample_steps} must be at least 1")

@@ -81,10 +81,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sp-ulysses", type=int, default=1, help="under torchrun: Ulysses sequence-parallel degree")
     p.add_argument("--sp-ring", type=int, default=1, help="under torchrun: ring-attention sequence-parallel degree")
     p.add_argument("--tp", type=int, default=1, help="under torchrun: tensor-parallel degree")
+    p.add_argument("--low-noise-from", default="", metavar="RUN",
+                   help="a second expert (Wan 2.2 A14B): --from denoises timesteps >= --boundary, this run those below")
+    p.add_argument("--boundary", type=float, default=875.0, help="with --low-noise-from: the timestep (0-1000) where the experts switch")
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading
+
+
+class TwoExperts(torch.nn.Module):
+    """Two experts as one denoiser (Wan 2.2 A14B): the high-noise expert at steps whose timestep is
+    at least ``boundary``, the low-noise one below, as Wan's pipeline switches them."""
+
+    def __init__(self, high: VideoDiT, low: VideoDiT, boundary: float):
+        super().__init__()
+        if high.cfg != low.cfg:
+            raise ConfigError(f"the two experts differ: {high.cfg} against {low.cfg}; pass two runs of the same model")
+        self.high, self.low, self.boundary, self.cfg = high, low, boundary, high.cfg
+
+    def forward(self, x, t, text, text_mask):
+        expert = self.high if float(t.max()) >= self.boundary else self.low  # given frames hold t = 0: the step's is the max
+        return expert(x, t, text, text_mask)
 
 
 def run_config(source: Path) -> Path:
@@ -237,6 +255,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> Path:
     log.info("sampling with %s", weights)
     dims, mesh = sampling_layout(args, model.cfg, dev)
     model = parallel_model(model, args, dims, mesh)
+    if args.low_noise_from:
+        _, low, low_weights = load_for_sampling(Path(args.low_noise_from), args.raw, dev)
+        model = TwoExperts(model, parallel_model(low, args, dims, mesh), args.boundary)
+        log.info("low-noise expert (timesteps below %g): %s", args.boundary, low_weights)
     manifest = read_manifest(cfg.data.path)
     prompt = args.prompt or cfg.train.sample_caption or first_caption(cfg.data.path)
     text = encode_prompt(manifest, prompt, args.text_encoder, model.cfg.text_dim, dev.torch_device)

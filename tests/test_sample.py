@@ -143,3 +143,35 @@ def test_torchrun_cfg_parallel_sample_equals_one_process(run, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     one, two = (np.load(tmp_path / name / "latents.npy") for name in ("one", "two"))
     np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-5)
+
+
+def test_two_experts_switch_at_the_boundary():
+    """Wan 2.2 A14B: the high-noise expert denoises the steps at or above the boundary."""
+    import torch
+
+    from sora_dist.models import DiTConfig, VideoDiT
+    from sora_dist.sample import TwoExperts
+
+    cfg = DiTConfig(in_channels=4, text_dim=8, hidden_size=32, depth=1, num_heads=2)
+    experts = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = VideoDiT(cfg)
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+        experts.append(model)
+    high, low = experts
+    both = TwoExperts(high, low, boundary=500.0)
+    x, text, mask = torch.randn(1, 4, 2, 4, 4), torch.randn(1, 3, 8), torch.ones(1, 3, dtype=torch.bool)
+    with torch.no_grad():
+        for t, expert in ((torch.tensor([900.0]), high), (torch.tensor([500.0]), high), (torch.tensor([100.0]), low),
+                          (torch.tensor([[0.0, 700.0]]), high)):  # a given frame holds t = 0: the step's timestep decides
+            assert torch.equal(both(x, t, text, mask), expert(x, t, text, mask))
+        assert not torch.equal(high(x, torch.tensor([100.0]), text, mask), low(x, torch.tensor([100.0]), text, mask))
+
+
+def test_sampling_with_a_second_expert_runs_both_runs(run, tmp_path):
+    """The same run as both experts samples what it samples alone (the switch loses nothing)."""
+    alone = sample(run, tmp_path / "alone", "--seed", "3")[1]
+    paired = sample(run, tmp_path / "paired", "--seed", "3", "--low-noise-from", str(run), "--boundary", "500")[1]
+    assert np.array_equal(alone, paired)

@@ -69,6 +69,7 @@ class FlowObjective:
         self.mean, self.std = cfg.logit_normal_mean, cfg.logit_normal_std
         self.fixed_shift, self.reference_tokens = cfg.shift, cfg.shift_reference_tokens
         self.caption_dropout = cfg.caption_dropout
+        self.timestep_range = cfg.timestep_range
         self.patch_volume = math.prod(patch_size)
         self.masks = masks or MaskStrategy(MaskConfig(), patch_size[0])
 
@@ -80,8 +81,23 @@ class FlowObjective:
         return resolution_shift(tokens, self.reference_tokens)
 
     def sample_t(self, batch: int, shift: float, device, generator=None) -> torch.Tensor:
-        u = torch.sigmoid(self.mean + self.std * torch.randn(batch, generator=generator, device=device))
-        return shift_time(u, shift)
+        """Times in [0, 1]: logit-normal, shifted; within ``timestep_range`` (timesteps, 0-1000)
+        when one is set, drawn from the same law truncated to it (inverse CDF: the shift and the
+        sigmoid are monotone, so the range maps to one interval of the normal draw)."""
+        if self.timestep_range is None:
+            u = torch.sigmoid(self.mean + self.std * torch.randn(batch, generator=generator, device=device))
+            return shift_time(u, shift)
+        low, high = (self._normal_quantile(bound / 1000, shift) for bound in self.timestep_range)
+        level = low + (high - low) * torch.rand(batch, generator=generator, device=device, dtype=torch.float64)
+        u = torch.sigmoid(self.mean + self.std * torch.special.ndtri(level))
+        return shift_time(u, shift).float().clamp(self.timestep_range[0] / 1000, self.timestep_range[1] / 1000)
+
+    def _normal_quantile(self, t: float, shift: float) -> float:
+        """The standard normal CDF at the draw that gives time ``t`` (0 at t = 0, 1 at t = 1)."""
+        if t <= 0.0 or t >= 1.0:
+            return float(t >= 1.0)
+        u = t / (shift - (shift - 1) * t)  # shift_time's inverse
+        return float(torch.special.ndtr(torch.tensor((math.log(u / (1 - u)) - self.mean) / self.std, dtype=torch.float64)))
 
     def loss(self, model: Denoiser, x0, text, text_mask, generator=None) -> torch.Tensor:
         b = x0.shape[0]

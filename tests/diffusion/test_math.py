@@ -146,3 +146,22 @@ def test_classifier_free_guidance_extrapolates_from_unconditional():
     # uncond = x, cond = x + 2: guided = x + 4 * 2
     torch.testing.assert_close(out, x + 8.0)
     torch.testing.assert_close(guided(model, text, mask, scale=1.0)(x, t), x + 2.0)
+
+
+@pytest.mark.parametrize("timestep_range", [(875.0, 1000.0), (0.0, 875.0), (300.0, 600.0)])
+def test_an_experts_timesteps_follow_the_training_law_truncated_to_its_range(timestep_range):
+    """One expert of a two-expert model trains on its range with the same law as the whole model
+    restricted to it: the truncated draw against draws of the full law that fell in the range."""
+    import numpy as np
+
+    from sora_dist.config import DiffusionConfig
+    from sora_dist.diffusion.objectives import FlowObjective
+
+    low, high = timestep_range[0] / 1000, timestep_range[1] / 1000
+    expert = FlowObjective(DiffusionConfig(shift=12.0, timestep_range=timestep_range), (1, 2, 2))
+    t = expert.sample_t(200_000, 12.0, "cpu", torch.Generator().manual_seed(0)).numpy()
+    everything = FlowObjective(DiffusionConfig(shift=12.0), (1, 2, 2)).sample_t(800_000, 12.0, "cpu", torch.Generator().manual_seed(1)).numpy()
+    inside = everything[(everything >= low) & (everything <= high)]
+    assert low <= t.min() and t.max() <= high
+    quantiles = [0.05, 0.25, 0.5, 0.75, 0.95]
+    np.testing.assert_allclose(np.quantile(t, quantiles), np.quantile(inside, quantiles), atol=0.004 * (high - low) / 0.125)
