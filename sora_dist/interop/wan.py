@@ -208,8 +208,8 @@ def tensor_maps(cfg: DiTConfig) -> list[TensorMap]:
         maps += [TensorMap(f"{ours}.norm2.weight", f"{theirs}.norm2.weight", (d,)), TensorMap(f"{ours}.norm2.bias", f"{theirs}.norm2.bias", (d,))]
         maps += linear(f"{ours}.mlp.fc1", f"{theirs}.ffn.net.0.proj", m, d)
         maps += linear(f"{ours}.mlp.fc2", f"{theirs}.ffn.net.2", d, m)
-        maps.append(TensorMap(f"{ours}.scale_shift_table", f"{theirs}.scale_shift_table", (1, 6, d)))
-    maps.append(TensorMap("final_layer.scale_shift_table", "scale_shift_table", (1, 2, d)))
+        maps.append(TensorMap(f"{ours}.scale_shift_table.table", f"{theirs}.scale_shift_table", (1, 6, d)))
+    maps.append(TensorMap("final_layer.scale_shift_table.table", "scale_shift_table", (1, 2, d)))
     maps += linear("final_layer.linear", "proj_out", p_c, d, channels_last_to_first(cfg.in_channels, cfg.patch_volume))
     return maps
 

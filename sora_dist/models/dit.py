@@ -211,8 +211,24 @@ class AllHeadsRMSNorm(nn.Module):
         return all_heads_rms_norm(x, self.weight, self.eps)
 
 
+class ModulationTable(nn.Module):
+    """A learned (1, n, D) table added to the timestep conditioning under shared modulation, in at
+    least fp32. A module of its own so that FSDP can keep it in fp32 under bf16 mixed precision,
+    as Wan keeps its tables (``VideoDiT.kept_in_fp32``)."""
+
+    def __init__(self, rows: int, hidden_size: int):
+        super().__init__()
+        self.table = nn.Parameter(torch.empty(1, rows, hidden_size))
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        """c: (..., rows * D), the conditioning each row of the table is added to."""
+        c = c.to(torch.promote_types(c.dtype, torch.float32))
+        return self.table.flatten().to(torch.promote_types(self.table.dtype, c.dtype)) + c
+
+
 class TimestepEmbedder(nn.Module):
-    """Sinusoidal features of the (continuous) timestep, then an MLP."""
+    """Sinusoidal features of the (continuous) timestep, then an MLP, outside autocast: in the
+    weights' dtype (fp32, as Wan keeps its time embedding, unless the model itself is cast)."""
 
     def __init__(self, hidden_size: int, freq_dim: int = TIMESTEP_FREQ_DIM):
         super().__init__()
@@ -228,7 +244,8 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         features = self.sinusoidal(t, self.freq_dim).to(self.mlp[0].weight.dtype)
-        return self.mlp(features)
+        with torch.autocast(t.device.type, enabled=False):
+            return self.mlp(features)
 
 
 class AttentionCore(nn.Module):
@@ -309,7 +326,7 @@ class DiTBlock(nn.Module):
         self.cross_attn = Attention(d, cfg.num_heads, cfg.qk_norm, cfg.qk_norm_scope)
         self.mlp = Mlp(d, cfg.mlp_hidden)
         if cfg.modulation == "shared":
-            self.scale_shift_table = nn.Parameter(torch.empty(1, 6, d))
+            self.scale_shift_table = ModulationTable(6, d)
         else:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
 
@@ -319,7 +336,7 @@ class DiTBlock(nn.Module):
         block's table, added in at least fp32."""
         if hasattr(self, "adaLN_modulation"):
             return self.adaLN_modulation(c)
-        return self.scale_shift_table.flatten() + c.to(torch.promote_types(c.dtype, torch.float32))
+        return self.scale_shift_table(c)
 
     def forward(self, x, c, context, context_mask, rope, frames: FrameSpan):
         """c: (B, D) per sample or (B, T', D) per frame; (.., 6D) under shared modulation."""
@@ -342,7 +359,7 @@ class FinalLayer(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         if cfg.modulation == "shared":
-            self.scale_shift_table = nn.Parameter(torch.empty(1, 2, cfg.hidden_size))
+            self.scale_shift_table = ModulationTable(2, cfg.hidden_size)
         else:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden_size, 2 * cfg.hidden_size))
         self.linear = nn.Linear(cfg.hidden_size, cfg.patch_volume * cfg.in_channels)
@@ -350,8 +367,7 @@ class FinalLayer(nn.Module):
     def modulation(self, c: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "adaLN_modulation"):
             return self.adaLN_modulation(c)
-        c = c.to(torch.promote_types(c.dtype, torch.float32))
-        return self.scale_shift_table.flatten() + torch.cat([c, c], dim=-1)
+        return self.scale_shift_table(torch.cat([c, c], dim=-1))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, frames: FrameSpan) -> torch.Tensor:
         shift, scale = self.modulation(c).chunk(2, dim=-1)
@@ -408,13 +424,23 @@ class VideoDiT(nn.Module):
         zeroed = [self.final_layer.linear]
         if self.cfg.modulation == "shared":
             zeroed.append(self.time_proj[-1])
-            for table in [block.scale_shift_table for block in self.blocks] + [self.final_layer.scale_shift_table]:
+            for table in [block.scale_shift_table.table for block in self.blocks] + [self.final_layer.scale_shift_table.table]:
                 nn.init.zeros_(table)
         else:
             zeroed += [block.adaLN_modulation[-1] for block in self.blocks] + [self.final_layer.adaLN_modulation[-1]]
         for linear in zeroed:
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
+
+    def kept_in_fp32(self) -> list[nn.Module]:
+        """Modules whose weights stay fp32 under bf16 mixed precision (FSDP gives each its own fp32
+        group): under shared modulation, those Wan keeps in fp32, the time embedding, the
+        modulation tables and the affine cross-attention norms. Parameter-free norms and the
+        rotary angles hold no weights to keep."""
+        if self.cfg.modulation != "shared":
+            return []
+        blocks = [m for block in self.blocks for m in (block.scale_shift_table, block.norm2)]
+        return [self.t_embedder, *blocks, self.final_layer.scale_shift_table]
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, T, h, w) -> (B, N, C*p_t*p_h*p_w); sizes that do not divide are zero-padded."""

@@ -110,6 +110,11 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, dims: ParallelDims, param_d
     # batch and back); FSDP2 warns because an in-place op on it would skip the all-gather. No
     # block output is modified in place (the equivalence tests check the gradients), so say nothing.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor", category=UserWarning)
+    if param_dtype is not None and param_dtype != torch.float32:
+        # The model's fp32 modules (Wan's time embedding, tables, affine norms): groups of their own.
+        fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+        for module in getattr(model, "kept_in_fp32", list)():
+            fully_shard(module, mesh=fsdp_mesh, mp_policy=fp32, reshard_after_forward=reshard_after_forward)
     for block in model.blocks:
         fully_shard(block, mesh=fsdp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=fsdp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)

@@ -30,6 +30,7 @@ from sora_dist.parallel import (
     apply_fsdp,
     apply_model_parallel,
     build_mesh,
+    materialize,
     resolve_dims,
 )
 
@@ -182,6 +183,28 @@ def sharded_bytes(world_size):
             "optim_full": 2 * total_params, "optim_rank": local_bytes(states)}
 
 
+def parameter_dtypes_under_bf16(world_size):
+    """The dtype each module's parameters have in its forward under FSDP2 with bf16 parameters and
+    autocast (the trainer's GPU setting), for a Wan-option model; the gradients' dtypes after."""
+    cfg = replace(CFG, hidden_size=48, modulation="shared", text_context="padded", text_len=8, qk_norm_scope="all_heads")
+    dims = resolve_dims(ParallelConfig(), world_size, cfg)
+    with torch.device("meta"):
+        model = VideoDiT(cfg)
+    apply_fsdp(model, build_mesh(dims, "cpu"), dims, torch.bfloat16, True)
+    materialize(model, torch.device("cpu"))
+    seen = {}
+    for name, module in model.named_modules():
+        if name in ("x_embedder", "t_embedder", "time_proj", "blocks.0.scale_shift_table", "blocks.0.norm2", "blocks.0.attn.to_q",
+                    "blocks.0.mlp.fc1", "final_layer.scale_shift_table", "final_layer.linear"):
+            module.register_forward_pre_hook(lambda m, args, name=name: seen.update({name: str(next(m.parameters()).dtype)}))
+    x, t, text, mask, _ = make_batch(BATCHES["video"][0], 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x[:1], t[:1], text[:1], mask[:1])
+    out.float().square().mean().backward()
+    grads = {str(p.grad.dtype) for p in model.parameters()}
+    return {"forward": seen, "grads": sorted(grads), "finite": bool(torch.isfinite(out.float()).all())}
+
+
 def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
@@ -222,6 +245,8 @@ def main():
                 "worst_grad": max(ref_grads, key=lambda n: rel(grads[n], ref_grads[n])),
                 "param": max(rel(params[n], p) for n, p in ref_params.items()),
             }
+    if only is None or "_kept_in_fp32" in only:
+        results["_kept_in_fp32"] = parameter_dtypes_under_bf16(world_size)
     if only is None or "_wan_import" in only:
         sys.path.insert(0, str(Path(__file__).parents[1] / "interop"))
         from wan_layouts import check_layouts

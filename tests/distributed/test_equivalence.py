@@ -63,6 +63,17 @@ def test_wan_imported_on_a_layout_matches_diffusers(world_size, layout, tmp_path
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
+def test_wan_fp32_modules_stay_fp32_under_bf16_fsdp(world_size, tmp_path_factory):
+    """Wan keeps its time embedding, modulation tables and affine norms in fp32: under FSDP with
+    bf16 parameters they run in fp32, each in an FSDP group of its own, and the rest in bf16."""
+    r = results_for(world_size, tmp_path_factory)["_kept_in_fp32"]
+    fp32 = {"t_embedder", "blocks.0.scale_shift_table", "blocks.0.norm2", "final_layer.scale_shift_table"}
+    assert {name for name, dtype in r["forward"].items() if dtype == "torch.float32"} == fp32, r
+    assert {"x_embedder", "time_proj", "blocks.0.attn.to_q", "blocks.0.mlp.fc1", "final_layer.linear"} <= set(r["forward"]), r
+    assert r["grads"] == ["torch.float32"] and r["finite"], r  # fp32 master weights and reductions
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
 def test_fsdp_cuts_parameter_and_optimizer_bytes_by_the_shard_degree(world_size, tmp_path_factory):
     per_rank_bytes = results_for(world_size, tmp_path_factory)["_bytes"]
     for per_rank in per_rank_bytes:

@@ -52,7 +52,7 @@ def test_parameter_formula_counts_wan_options():
     projections = depth * (6 * d * d + 6 * d) + (2 * d * d + 2 * d)  # every block's and the final layer's
     shared = (6 * d * d + 6 * d) + depth * 6 * d + 2 * d  # one projection, the tables
     assert count_parameters(per_block) - count_parameters(cfg) == projections - shared
-    assert not hasattr(model, "null_text") and model.blocks[0].scale_shift_table.shape == (1, 6, d)
+    assert not hasattr(model, "null_text") and model.blocks[0].scale_shift_table.table.shape == (1, 6, d)
 
 
 @pytest.mark.parametrize("preset", [name for name in PRESETS if name.startswith("wan")])
