@@ -244,6 +244,8 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         features = self.sinusoidal(t, self.freq_dim).to(self.mlp[0].weight.dtype)
+        if t.device.type == "meta":  # shape propagation: no autocast to leave
+            return self.mlp(features)
         with torch.autocast(t.device.type, enabled=False):
             return self.mlp(features)
 
