@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -90,6 +91,33 @@ def best_fitting(predictions: list[Prediction], acc: Accelerator) -> Prediction:
     return predictions[0]
 
 
+@dataclass(frozen=True)
+class PublishedRun:
+    """A measured throughput someone published for a preset's model, to put beside the plan."""
+
+    accelerator: str
+    devices: int
+    tokens: int
+    layout: str
+    tflops_per_device: float
+    source: str
+
+
+PUBLISHED = {
+    "wan2.1-t2v-14b": [PublishedRun("h100", 128, 37440, "TP 2 x CP 4, sequence parallel, full recompute", 325.8,
+                                    "NVIDIA Megatron-Bridge Wan 2.1 recipe performance")],
+}
+"""Published figures per preset; docs/wan.md explains the difference from the plan's."""
+
+
+def published_lines(best: Prediction, work: Workload, acc: Accelerator, args) -> list[str]:
+    """The preset's published runs on this accelerator, beside #1's predicted TFLOP/s per device."""
+    runs = [r for r in PUBLISHED.get(args.preset, []) if r.accelerator == args.accelerator.lower()]
+    return [f"published for {args.preset} on {r.devices} x {acc.name} at {r.tokens} tokens ({r.layout}): {r.tflops_per_device:.1f} TFLOP/s per "
+            f"device ({r.source}); #1 here, {work.tokens} tokens on {args.devices}: {best.mfu * acc.peak_flops / 1e12:.1f} TFLOP/s predicted "
+            f"(see docs/wan.md)" for r in runs]
+
+
 def launch_command(p: Prediction, devices: int, per_node: int, args) -> str:
     nodes = max(1, devices // per_node)
     sizes = [f"--model.{key}={value}" for key, value in (("hidden_size", args.hidden), ("depth", args.depth), ("num_heads", args.heads)) if value]
@@ -116,6 +144,7 @@ def format_plan(predictions: list[Prediction], work: Workload, acc: Accelerator,
         days = days_to_train(best, devices, acc, args)
         if days is not None:
             lines.append(f"days to train on #1: {days:.1f} ({_budget(args)})")
+        lines += published_lines(best, work, acc, args)
         lines.append("launch the best:")
         lines += [f"  {launch_command(p, devices, per_node, args)}" for p in fitting[:3]]
     return "\n".join(lines)

@@ -102,3 +102,15 @@ def test_ranking_counts_only_orders_the_runs_settle_as_contradictions():
 
     single = [_row("a", 100, [100]), _row("b", 110, [99])]  # one run each: any swap is a contradiction
     assert rankings(single)[2]["contradictions"] == [["a", "b"]]
+
+
+def test_a_wan_plan_prints_the_published_figure_beside_its_prediction(capsys):
+    from sora_dist.perf import plan
+
+    plan.run(plan.parse_args(["--preset", "wan2.1-t2v-14b", "--devices", "128", "--devices-per-node", "8", "--accelerator", "h100",
+                              "--latent", "24", "60", "104", "--text-len", "512", "--global-batch", "128", "--top", "1"]))
+    out = capsys.readouterr().out
+    assert "37440 tokens" in out and "325.8 TFLOP/s per device (NVIDIA Megatron-Bridge" in out and "TFLOP/s predicted" in out
+    plan.run(plan.parse_args(["--preset", "wan2.1-t2v-14b", "--devices", "8", "--accelerator", "a100", "--latent", "21", "60", "104",
+                              "--text-len", "512", "--top", "1"]))
+    assert "published" not in capsys.readouterr().out  # only on the accelerator it was measured on
