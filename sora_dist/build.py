@@ -104,7 +104,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only; norms, biases and the null-text token are not decayed."""
     decay, no_decay = [], []
     for p in model.parameters():
-        (decay if p.dim() >= 2 and p.shape[0] > 1 else no_decay).append(p)
+        if p.requires_grad:  # frozen base weights under LoRA are not the optimizer's
+            (decay if p.dim() >= 2 and p.shape[0] > 1 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -154,6 +155,7 @@ def build_stack(cfg: Config, dev: device_lib.Device, model_cfg: DiTConfig, world
     torch.manual_seed(cfg.train.seed)
     with torch.device("meta"):
         model = VideoDiT(model_cfg)
+    add_adapters(model, cfg)
     parallelize(model, cfg.parallel, dims, mesh, dev.torch_device, dtype)
     optimizer, scheduler = build_optimizer(model, cfg)
     engine = make_engine(model, cfg.parallel, dims, mesh, dev.torch_device, optimizer, scheduler, cfg.optim.grad_clip, cfg.train.grad_accum, dtype is not None)
@@ -162,9 +164,22 @@ def build_stack(cfg: Config, dev: device_lib.Device, model_cfg: DiTConfig, world
 
 def build_single_device_model(cfg: Config, in_channels: int, text_dim: int, torch_device: torch.device) -> VideoDiT:
     """A single-device model for the config: built on meta, then materialized and initialized."""
-    model_cfg = resolve_model_config(cfg.model, in_channels, text_dim)
+    return single_model(cfg, resolve_model_config(cfg.model, in_channels, text_dim), torch_device)
+
+
+def single_model(cfg: Config, model_cfg: DiTConfig, torch_device: torch.device) -> VideoDiT:
+    """The run's model (with its adapters, if any) on one device, initialized."""
     with torch.device("meta"):
         model = VideoDiT(model_cfg)
+    add_adapters(model, cfg)
     model.to_empty(device=torch_device)
     model.init_weights()
     return model
+
+
+def add_adapters(model: VideoDiT, cfg: Config) -> None:
+    """LoRA adapters per ``cfg.lora`` (none at rank 0); the base weights then stay frozen."""
+    if cfg.lora.rank:
+        from sora_dist.models.lora import add_lora
+
+        add_lora(model, cfg.lora.rank, cfg.lora.rank * cfg.lora.scale, cfg.lora.targets, cfg.lora.dropout)

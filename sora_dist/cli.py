@@ -74,10 +74,12 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> None:
 
     from safetensors.torch import save_file
 
+    import torch
+
+    from sora_dist.build import single_model
     from sora_dist.checkpoint import load_weights_for_export, verify
     from sora_dist.config import load_config, resolve_model_config
     from sora_dist.errors import ConfigError
-    from sora_dist.models import VideoDiT
 
     path = Path(args.checkpoint)
     problems = verify(path)
@@ -87,26 +89,38 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> None:
         raise ConfigError(f"{path} is a DeepSpeed checkpoint: consolidate it with DeepSpeed's zero_to_fp32.py, or train with engine=fsdp")
     cfg = load_config(path / "config.yaml")
     if args.format == "diffusers":
-        return export_diffusers(path, resolve_model_config(cfg.model, cfg.model.in_channels, cfg.model.text_dim), args)
-    model = VideoDiT(resolve_model_config(cfg.model, cfg.model.in_channels, cfg.model.text_dim))
+        return export_diffusers(path, cfg, resolve_model_config(cfg.model, cfg.model.in_channels, cfg.model.text_dim), args)
+    model = single_model(cfg, resolve_model_config(cfg.model, cfg.model.in_channels, cfg.model.text_dim), torch.device("cpu"))
     used = load_weights_for_export(path, model, ema=not args.raw)
     metadata = {"model_config": json.dumps(cfg.to_dict()["model"]), "weights": used, "checkpoint": str(path)}
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.out, metadata=metadata)
     log.info("exported the %s weights of %s (%d tensors) -> %s", used, path, len(model.state_dict()), args.out)
 
 
-def export_diffusers(path: Path, model_cfg, args: argparse.Namespace) -> None:
+def export_diffusers(path: Path, cfg, model_cfg, args: argparse.Namespace) -> None:
     """A Wan-layout checkpoint as a diffusers transformer folder (or pipeline folder with --base),
     read and written one safetensors file's worth at a time."""
     import torch
 
+    from sora_dist.build import add_adapters
     from sora_dist.checkpoint import weight_reader
     from sora_dist.interop.export import DTYPES, pipeline_around, write_diffusers
     from sora_dist.models import VideoDiT
+    from sora_dist.models.lora import adapted_modules, merged, stored_names
 
     with torch.device("meta"):
-        shapes = {name: t.shape for name, t in VideoDiT(model_cfg).state_dict().items()}
+        model = VideoDiT(model_cfg)
+        add_adapters(model, cfg)
+    shapes = {name: t.shape for name, t in model.state_dict().items()}
     read, used = weight_reader(path, shapes, ema=not args.raw)
+    adapted = adapted_modules(shapes)
+    if adapted:  # LoRA: each adapted weight leaves as W + (alpha / rank) B A
+
+        def read_merged(names: list[str], read_stored=read) -> dict:
+            stored = read_stored([s for name in names for s in stored_names(name, adapted)])
+            return {name: merged(name, stored, adapted, cfg.lora.scale) for name in names}
+
+        read = read_merged
     out = Path(args.out)
     transformer = out / "transformer" if args.base else out
     write_diffusers(read, model_cfg, transformer, DTYPES[args.dtype], int(args.shard_gib * 2**30))

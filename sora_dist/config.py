@@ -302,6 +302,24 @@ class FaultConfig:
 
 
 @dataclass
+class AdapterConfig:
+    rank: int = 0
+    """LoRA rank of the adapters on the blocks' linear layers; 0: no adapters, every weight trains.
+    With adapters the base weights are frozen and only the adapters train (docs/wan.md)."""
+    alpha: Optional[float] = None
+    """LoRA scale numerator: the adapters' product is scaled by alpha / rank. None: alpha = rank."""
+    targets: list[str] = field(default_factory=lambda: ["attn.to_q", "attn.to_k", "attn.to_v", "attn.proj", "cross_attn.to_q",
+                                                        "cross_attn.to_k", "cross_attn.to_v", "cross_attn.proj", "mlp.fc1", "mlp.fc2"])
+    """Linear layers of each block that get adapters."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -313,6 +331,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    lora: AdapterConfig = field(default_factory=AdapterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
@@ -512,6 +531,19 @@ def validate(cfg: Config) -> None:
     """Check values that types cannot express; raises ConfigError naming key, value and fix."""
     _validate_model(cfg.model)
     _validate_training(cfg)
+    _validate_lora(cfg)
+
+
+def _validate_lora(cfg: Config) -> None:
+    lora = cfg.lora
+    _require(lora.rank >= 0, f"lora.rank={lora.rank} must be 0 (no adapters) or positive")
+    _require(0.0 <= lora.dropout < 1.0, f"lora.dropout={lora.dropout} must be in [0, 1)")
+    if lora.rank:
+        _require(bool(lora.targets), "lora.targets is empty: name the block layers that get adapters, e.g. [attn.to_q, attn.to_k]")
+        _require(cfg.parallel.tp == 1, f"lora.rank={lora.rank} with parallel.tp={cfg.parallel.tp}: adapters under tensor parallelism are "
+                                       "not supported yet; use FSDP with sp_ulysses / sp_ring")
+        _require(cfg.parallel.engine in ("fsdp", "ddp"), f"lora.rank={lora.rank} with parallel.engine={cfg.parallel.engine}: "
+                                                          "adapters train under fsdp or ddp")
 
 
 def preset_sizes(name: str) -> dict[str, Any]:

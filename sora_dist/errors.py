@@ -36,6 +36,7 @@ class MissingDependencyError(SoraDistError):
 EXTRAS = {
     "encode": ("av", "PIL", "diffusers", "transformers"),
     "deepspeed": ("deepspeed",),
+    "lora": ("peft",),
 }
 """The project's optional extras (pyproject.toml) and the modules each provides."""
 

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.tensor import DTensor
 
 from sora_dist import device as device_lib
-from sora_dist.build import build_stack, start_distributed
+from sora_dist.build import build_stack, single_model, start_distributed
 from sora_dist.checkpoint import CheckpointManager, TrainState, checkpoint_dir, gather_to_rank0, saves_enabled
 from sora_dist.config import Config, resolve_model_config, save_config
 from sora_dist.data import Batch, LatentLoader, make_synthetic, read_manifest
@@ -323,7 +323,7 @@ def _finish(cfg, model_cfg, weights, ema_weights, objective, loader, history, ou
     if cfg.train.sample_at_end:
         from sora_dist.sample import sample_report
 
-        single = VideoDiT(model_cfg).to(dev.torch_device)
+        single = single_model(cfg, model_cfg, dev.torch_device)
         single.load_state_dict(ema_weights if ema_weights is not None else weights)
         sample_report(cfg, single, objective, loader.manifest, history, out_dir, dev)
 
@@ -333,7 +333,7 @@ def _write_training_samples(run: Run, step: int) -> None:
     weights = _with_buffers(run.model, gather_to_rank0(run.ema.shadow)) if run.ema is not None else gather_to_rank0(run.model.state_dict())
     if run.samples is None:
         return
-    single = VideoDiT(run.model_cfg).to(run.dev.torch_device)
+    single = single_model(run.cfg, run.model_cfg, run.dev.torch_device)
     single.load_state_dict(_strip_wrappers(weights))
     run.samples.write(step, single, run.objective, Path(run.cfg.train.out_dir), run.dev, run.metrics)
 

@@ -20,6 +20,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from sora_dist.errors import SoraDistError
+from sora_dist.models.lora import base_name, is_adapter
 from sora_dist.interop.wan import TensorMap, diffusers_name, read_config, tensor_maps, transformer_folder, wan_model_options
 
 log = logging.getLogger("sora_dist")
@@ -120,7 +121,7 @@ def load_wan(model: torch.nn.Module, path: str | Path) -> dict:
     maps = tensor_maps(model.cfg)
     files = weight_files(folder, original)
     check_tensors(files, maps)
-    params = dict(model.named_parameters())
+    params = {base_name(n): p for n, p in model.named_parameters() if not is_adapter(n)}  # LoRA: the frozen base
     for tmap in maps:
         file, stored = files[tmap.theirs]
         param = params[tmap.ours]

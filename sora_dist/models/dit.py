@@ -410,8 +410,10 @@ class VideoDiT(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """DiT's initialization; also materializes a model built on the meta device."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear) and ".lora_" in name:  # adapters (sora_dist.models.lora): B = 0, A as peft starts it
+                module.reset_parameters() if ".lora_A." in name else nn.init.zeros_(module.weight)
+            elif isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
             elif isinstance(module, (nn.LayerNorm, RMSNorm, AllHeadsRMSNorm)):

@@ -57,6 +57,9 @@ def trained(synthetic_dir, tmp_path_factory):
     train(4, [*common, "--train.steps=10", "--parallel.sp_ulysses=2"])  # FSDP2 over 2 x Ulysses 2
     before = losses(run)
     train(2, [*common, "--train.steps=12", "--parallel.sp_ulysses=2"])  # resumed onto 2 ranks: Ulysses 2
+    lora = root / "lora"
+    train(4, [*common, f"--train.out_dir={lora}", "--train.steps=10", "--parallel.sp_ulysses=2", "--lora.rank=4", "--lora.alpha=8",
+              "--optim.lr=2e-2"])
     return root, run, before, losses(run)
 
 
@@ -65,6 +68,24 @@ def test_an_imported_wan_fine_tunes_on_fsdp_and_ulysses_and_resumes_on_two_ranks
     assert len(before) == 10 and np.mean(before[-3:]) < 0.8 * np.mean(before[:3]), before
     assert len(after) == 12 and after[:10] == before  # the resumed run appends its two steps
     assert newest_complete(run / "checkpoints").name == "step-12"
+
+
+def test_lora_on_fsdp_and_ulysses_trains_the_adapters_alone(trained):
+    from safetensors.torch import load_file
+
+    from sora_dist.interop.load import load_wan
+    from sora_dist.models.lora import base_name, is_adapter
+    from wan_reference import empty_model, our_config
+
+    root, _, _, _ = trained
+    lora_losses = losses(root / "lora")
+    assert len(lora_losses) == 10 and np.mean(lora_losses[-3:]) < 0.9 * np.mean(lora_losses[:3]), lora_losses
+    final = load_file(root / "lora" / "model.safetensors")
+    imported = empty_model(our_config(make_wan(torch.float32, num_attention_heads=4, text_dim=32)), torch.float32)
+    load_wan(imported, root / "wan")
+    base = {base_name(name): tensor for name, tensor in final.items() if not is_adapter(name)}
+    assert all(torch.equal(base[name], p) for name, p in imported.named_parameters())  # the base stayed frozen on every rank
+    assert all(final[name].abs().max() > 0 for name in final if ".lora_B." in name)  # every adapter trained from zero
 
 
 def test_the_resumed_fine_tune_exports_to_diffusers(trained):

@@ -166,3 +166,41 @@ def test_a_missing_or_extra_tensor_is_named(folder_and_model):
     index_path.write_text(json.dumps(index))
     with pytest.raises(SoraDistError, match=r"attn2\.add_k_proj\.weight"):
         load_wan(model, folder)
+
+
+def test_lora_fine_tuning_trains_the_adapters_alone_and_exports_merged(finetuned, tmp_path):
+    """lora.rank > 0: the imported base stays as it was, the adapters train, and the export folds
+    them in (W + alpha / rank * B A): diffusers computes what our adapted model does."""
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import load_file
+
+    root, wan, _ = finetuned
+    run = tmp_path / "lora"
+    cfg = load_config(REPO / "configs" / "wan2.1_t2v_1.3b.yaml", [
+        f"--data.path={root / 'data'}", f"--train.out_dir={run}", "--data.num_workers=0", "--train.max_minutes=0",
+        "--logging.tensorboard=false", "--train.steps=4", "--logging.log_every=1", "--checkpoint.every_steps=4",
+        "--checkpoint.async_save=false", "--optim.warmup_steps=1", "--optim.lr=1e-2", "--train.sample_shape=[2,8,8]",
+        "--parallel.activation_checkpointing=none", f"--checkpoint.init_from={root / 'pipeline'}", "--lora.rank=4", "--lora.alpha=8",
+        "--lora.targets=[attn.to_q, attn.to_k, cross_attn.to_v, mlp.fc1]", *WAN_MODEL])
+    trainer.train(cfg)
+    final = load_file(run / "model.safetensors")
+    imported = empty_model(our_config(wan), torch.float32)
+    load_wan(imported, root / "pipeline")
+    from sora_dist.models.lora import base_name, is_adapter
+
+    base = {base_name(name): tensor for name, tensor in final.items() if not is_adapter(name)}
+    for name, param in imported.named_parameters():
+        assert torch.equal(base[name], param), name  # frozen
+    assert final["blocks.0.attn.to_q.lora_B.default.weight"].abs().max() > 0  # trained from zero
+    assert "blocks.0.attn.to_v.lora_A.default.weight" not in final  # only the targets carry adapters
+
+    checkpoint = newest_complete(run / "checkpoints")
+    assert main(["export", str(checkpoint), "--format", "diffusers", "--dtype", "fp32", "--raw", "--out", str(tmp_path / "export")]) == 0
+    ours = build_single_device_model(load_config(checkpoint / "config.yaml"), 4, 32, torch.device("cpu"))
+    load_weights_for_export(checkpoint, ours, ema=False)
+    exported = WanTransformer3DModel.from_pretrained(tmp_path / "export")
+    x, t, text, mask = inputs(ours.cfg, torch.float32)
+    with torch.no_grad():
+        out = ours(x, t, text, mask)
+        ref = exported(*wan_inputs(ours.cfg, x, t, text, mask), return_dict=False)[0]
+    assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
