@@ -12,6 +12,13 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+# Without a GPU, the Triton kernels run in Triton's CPU interpreter (fp32; bf16 is wrong in the
+# interpreter). Triton defines its own library functions (tl.sum, ...) for the interpreter or not
+# when it is first imported, and diffusers imports it: so here, before any test module imports
+# anything. On a CUDA machine Triton compiles instead, and tests/gpu checks the kernels there.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory):

@@ -3,11 +3,7 @@ import os
 import pytest
 import torch
 
-# Without a GPU, the Triton kernels run in Triton's CPU interpreter (fp32; bf16 is wrong in the
-# interpreter). It is chosen when a kernel is defined, so before sora_dist.kernels.triton_kernels
-# is imported. On a CUDA machine Triton compiles instead, and tests/gpu checks the kernels there.
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+# tests/conftest.py puts Triton in its CPU interpreter where there is no GPU.
 
 
 def pytest_collection_modifyitems(config, items):
