@@ -72,6 +72,16 @@ def wan_inputs(cfg: DiTConfig, x, t, text, mask):
     return x, t, padded
 
 
+def difference_from_diffusers(ours: VideoDiT, exported) -> float:
+    """The relative difference of ``ours`` from a diffusers Wan model (``exported``, loaded from
+    our export) on the shared fp32 inputs."""
+    x, t, text, mask = inputs(ours.cfg, torch.float32)
+    with torch.no_grad():
+        out = ours(x, t, text, mask)
+        ref = exported(*wan_inputs(ours.cfg, x, t, text, mask), return_dict=False)[0]
+    return ((out - ref).norm() / ref.norm()).item()
+
+
 @contextlib.contextmanager
 def diffusers_in_float64():
     """diffusers' Wan computes its norms, modulation and RoPE table in ``.float()`` (fp32) whatever
