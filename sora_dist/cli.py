@@ -104,7 +104,8 @@ def export_diffusers(path: Path, cfg, model_cfg, args: argparse.Namespace) -> No
 
     from sora_dist.build import add_adapters
     from sora_dist.checkpoint import weight_reader
-    from sora_dist.interop.export import DTYPES, pipeline_around, write_diffusers
+    from sora_dist.errors import ConfigError
+    from sora_dist.interop.export import DTYPES, pipeline_around, write_diffusers, write_lora
     from sora_dist.models import VideoDiT
     from sora_dist.models.lora import adapted_modules, merged, stored_names
 
@@ -114,6 +115,12 @@ def export_diffusers(path: Path, cfg, model_cfg, args: argparse.Namespace) -> No
     shapes = {name: t.shape for name, t in model.state_dict().items()}
     read, used = weight_reader(path, shapes, ema=not args.raw)
     adapted = adapted_modules(shapes)
+    if args.lora_only:
+        if not adapted:
+            raise ConfigError(f"{path} holds no LoRA adapters (lora.rank was 0): export the whole model without --lora-only")
+        written = write_lora(read, model_cfg, adapted, cfg.lora.scale, Path(args.out), DTYPES[args.dtype])
+        log.info("exported the %s LoRA adapters of %s (%d layers) -> %s", used, path, len(adapted), written)
+        return
     if adapted:  # LoRA: each adapted weight leaves as W + (alpha / rank) B A
 
         def read_merged(names: list[str], read_stored=read) -> dict:
@@ -266,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-gib", type=float, default=5.0, help="with --format diffusers: the largest safetensors file, GiB")
     p.add_argument("--base", default="", help="with --format diffusers: a diffusers Wan pipeline folder; writes a whole pipeline "
                    "around the exported transformer, its other components linked")
+    p.add_argument("--lora-only", action="store_true", help="with --format diffusers: a LoRA run's adapters alone, as "
+                   "WanPipeline.load_lora_weights reads them (without it they are folded into the weights)")
     p.set_defaults(func=cmd_export, overrides_allowed=False)
 
     sub.add_parser("gpu-proof", help="prove a GPU machine: GPU tests, demo in bf16, bench-train/kernels/loader; writes JSON + markdown (see --help)")

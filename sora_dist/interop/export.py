@@ -60,6 +60,35 @@ def write_diffusers(read_group: Callable[[list[str]], dict[str, torch.Tensor]], 
     return out
 
 
+LORA_FILE = "pytorch_lora_weights.safetensors"
+"""The file diffusers' ``load_lora_weights`` / ``load_lora_adapter`` read from a folder."""
+
+
+def write_lora(read: Callable[[list[str]], dict[str, torch.Tensor]], cfg: DiTConfig, adapted: set[str], scale: float, out: Path,
+               dtype: torch.dtype = torch.bfloat16) -> Path:
+    """The adapters alone, under diffusers' names for the Wan transformer (``transformer.<layer>.
+    lora_A.weight`` and ``lora_B``), in ``out/pytorch_lora_weights.safetensors``. B takes the
+    layout changes of its layer's weight rows (RoPE's interleaving); the scale alpha / rank is
+    folded into B, since diffusers applies 1 without the original alpha."""
+    from safetensors.torch import save_file
+
+    from sora_dist.models.lora import ADAPTER
+
+    by_weight = {m.ours: m for m in tensor_maps(cfg)}
+    tensors = {}
+    for layer in sorted(adapted):
+        weight_map = by_weight[f"{layer}.weight"]
+        stored = read([f"{layer}.lora_A.{ADAPTER}.weight", f"{layer}.lora_B.{ADAPTER}.weight"])
+        a, b = stored[f"{layer}.lora_A.{ADAPTER}.weight"], stored[f"{layer}.lora_B.{ADAPTER}.weight"] * scale
+        theirs = weight_map.theirs.removesuffix(".weight")
+        b_map = TensorMap(layer, theirs, tuple(b.shape), weight_map.rows)
+        tensors[f"transformer.{theirs}.lora_A.weight"] = a.to(dtype).contiguous()
+        tensors[f"transformer.{theirs}.lora_B.weight"] = to_theirs(b, b_map).to(dtype).contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / LORA_FILE), metadata={"format": "pt"})
+    return out / LORA_FILE
+
+
 def pipeline_around(transformer: Path, base: Path, out: Path) -> None:
     """A pipeline folder ``out``: the base pipeline's model_index.json and every other component
     linked (VAE, text encoder, tokenizer, scheduler), with ``transformer`` as its transformer/."""

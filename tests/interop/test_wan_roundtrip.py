@@ -196,3 +196,28 @@ def test_lora_fine_tuning_trains_the_adapters_alone_and_exports_merged(finetuned
     ours = build_single_device_model(load_config(checkpoint / "config.yaml"), 4, 32, torch.device("cpu"))
     load_weights_for_export(checkpoint, ours, ema=False)
     assert difference_from_diffusers(ours, WanTransformer3DModel.from_pretrained(tmp_path / "export")) <= 1e-5
+
+
+def test_lora_adapters_export_alone_in_diffusers_lora_format(finetuned, tmp_path):
+    """--lora-only: the adapters as diffusers' load_lora_adapter reads them; on the imported Wan
+    model they compute what our adapted model does."""
+    from diffusers import WanTransformer3DModel
+
+    root, _, _ = finetuned
+    run = tmp_path / "lora"
+    cfg = load_config(REPO / "configs" / "wan2.1_t2v_1.3b.yaml", [
+        f"--data.path={root / 'data'}", f"--train.out_dir={run}", "--data.num_workers=0", "--train.max_minutes=0",
+        "--logging.tensorboard=false", "--train.steps=3", "--logging.log_every=1", "--checkpoint.every_steps=3",
+        "--checkpoint.async_save=false", "--optim.warmup_steps=1", "--optim.lr=1e-2", "--train.sample_shape=[2,8,8]",
+        "--parallel.activation_checkpointing=none", f"--checkpoint.init_from={root / 'pipeline'}", "--lora.rank=4", "--lora.alpha=2",
+        "--lora.targets=[attn.to_q, attn.to_k, attn.proj, cross_attn.to_v, mlp.fc2]", *WAN_MODEL])
+    trainer.train(cfg)
+    checkpoint = newest_complete(run / "checkpoints")
+    assert main(["export", str(checkpoint), "--format", "diffusers", "--lora-only", "--dtype", "fp32", "--raw",
+                 "--out", str(tmp_path / "adapters")]) == 0
+    ours = build_single_device_model(load_config(checkpoint / "config.yaml"), 4, 32, torch.device("cpu"))
+    load_weights_for_export(checkpoint, ours, ema=False)
+    theirs = WanTransformer3DModel.from_pretrained(root / "pipeline" / "transformer")
+    before = difference_from_diffusers(ours, theirs)
+    theirs.load_lora_adapter(str(tmp_path / "adapters" / "pytorch_lora_weights.safetensors"), prefix="transformer")
+    assert difference_from_diffusers(ours, theirs) <= 1e-5 < before  # the adapters made the difference
