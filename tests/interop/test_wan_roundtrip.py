@@ -165,6 +165,16 @@ def test_a_missing_or_extra_tensor_is_named(folder_and_model):
         load_wan(model, folder)
 
 
+def train_lora(root: Path, run: Path, steps: int, lora: list[str]) -> Path:
+    """A LoRA fine-tune of the fixture's imported Wan with the shipped 1.3B config; its run folder."""
+    trainer.train(load_config(REPO / "configs" / "wan2.1_t2v_1.3b.yaml", [
+        f"--data.path={root / 'data'}", f"--train.out_dir={run}", "--data.num_workers=0", "--train.max_minutes=0",
+        "--logging.tensorboard=false", f"--train.steps={steps}", "--logging.log_every=1", f"--checkpoint.every_steps={steps}",
+        "--checkpoint.async_save=false", "--optim.warmup_steps=1", "--optim.lr=1e-2", "--train.sample_shape=[2,8,8]",
+        "--parallel.activation_checkpointing=none", f"--checkpoint.init_from={root / 'pipeline'}", *lora, *WAN_MODEL]))
+    return run
+
+
 def test_lora_fine_tuning_trains_the_adapters_alone_and_exports_merged(finetuned, tmp_path):
     """lora.rank > 0: the imported base stays as it was, the adapters train, and the export folds
     them in (W + alpha / rank * B A): diffusers computes what our adapted model does."""
@@ -172,14 +182,7 @@ def test_lora_fine_tuning_trains_the_adapters_alone_and_exports_merged(finetuned
     from safetensors.torch import load_file
 
     root, wan, _ = finetuned
-    run = tmp_path / "lora"
-    cfg = load_config(REPO / "configs" / "wan2.1_t2v_1.3b.yaml", [
-        f"--data.path={root / 'data'}", f"--train.out_dir={run}", "--data.num_workers=0", "--train.max_minutes=0",
-        "--logging.tensorboard=false", "--train.steps=4", "--logging.log_every=1", "--checkpoint.every_steps=4",
-        "--checkpoint.async_save=false", "--optim.warmup_steps=1", "--optim.lr=1e-2", "--train.sample_shape=[2,8,8]",
-        "--parallel.activation_checkpointing=none", f"--checkpoint.init_from={root / 'pipeline'}", "--lora.rank=4", "--lora.alpha=8",
-        "--lora.targets=[attn.to_q, attn.to_k, cross_attn.to_v, mlp.fc1]", *WAN_MODEL])
-    trainer.train(cfg)
+    run = train_lora(root, tmp_path / "lora", 4, ["--lora.rank=4", "--lora.alpha=8", "--lora.targets=[attn.to_q, attn.to_k, cross_attn.to_v, mlp.fc1]"])
     final = load_file(run / "model.safetensors")
     imported = empty_model(our_config(wan), torch.float32)
     load_wan(imported, root / "pipeline")
@@ -204,14 +207,7 @@ def test_lora_adapters_export_alone_in_diffusers_lora_format(finetuned, tmp_path
     from diffusers import WanTransformer3DModel
 
     root, _, _ = finetuned
-    run = tmp_path / "lora"
-    cfg = load_config(REPO / "configs" / "wan2.1_t2v_1.3b.yaml", [
-        f"--data.path={root / 'data'}", f"--train.out_dir={run}", "--data.num_workers=0", "--train.max_minutes=0",
-        "--logging.tensorboard=false", "--train.steps=3", "--logging.log_every=1", "--checkpoint.every_steps=3",
-        "--checkpoint.async_save=false", "--optim.warmup_steps=1", "--optim.lr=1e-2", "--train.sample_shape=[2,8,8]",
-        "--parallel.activation_checkpointing=none", f"--checkpoint.init_from={root / 'pipeline'}", "--lora.rank=4", "--lora.alpha=2",
-        "--lora.targets=[attn.to_q, attn.to_k, attn.proj, cross_attn.to_v, mlp.fc2]", *WAN_MODEL])
-    trainer.train(cfg)
+    run = train_lora(root, tmp_path / "lora", 3, ["--lora.rank=4", "--lora.alpha=2", "--lora.targets=[attn.to_q, attn.to_k, attn.proj, cross_attn.to_v, mlp.fc2]"])
     checkpoint = newest_complete(run / "checkpoints")
     assert main(["export", str(checkpoint), "--format", "diffusers", "--lora-only", "--dtype", "fp32", "--raw",
                  "--out", str(tmp_path / "adapters")]) == 0
