@@ -182,4 +182,4 @@ def add_adapters(model: VideoDiT, cfg: Config) -> None:
     if cfg.lora.rank:
         from sora_dist.models.lora import add_lora
 
-        add_lora(model, cfg.lora.rank, cfg.lora.rank * cfg.lora.scale, cfg.lora.targets, cfg.lora.dropout)
+        add_lora(model, cfg.lora.rank, cfg.lora.resolved_alpha, cfg.lora.targets, cfg.lora.dropout)

@@ -107,7 +107,7 @@ def export_diffusers(path: Path, cfg, model_cfg, args: argparse.Namespace) -> No
     from sora_dist.errors import ConfigError
     from sora_dist.interop.export import DTYPES, pipeline_around, write_diffusers, write_lora
     from sora_dist.models import VideoDiT
-    from sora_dist.models.lora import adapted_modules, merged, stored_names
+    from sora_dist.models.lora import adapted_modules, merging_reader
 
     with torch.device("meta"):
         model = VideoDiT(model_cfg)
@@ -122,17 +122,12 @@ def export_diffusers(path: Path, cfg, model_cfg, args: argparse.Namespace) -> No
         log.info("exported the %s LoRA adapters of %s (%d layers) -> %s", used, path, len(adapted), written)
         return
     if adapted:  # LoRA: each adapted weight leaves as W + (alpha / rank) B A
-
-        def read_merged(names: list[str], read_stored=read) -> dict:
-            stored = read_stored([s for name in names for s in stored_names(name, adapted)])
-            return {name: merged(name, stored, adapted, cfg.lora.scale) for name in names}
-
-        read = read_merged
+        read = merging_reader(read, adapted, cfg.lora.scale)
     out = Path(args.out)
     transformer = out / "transformer" if args.base else out
     write_diffusers(read, model_cfg, transformer, DTYPES[args.dtype], int(args.shard_gib * 2**30))
     if args.base:
-        pipeline_around(transformer, Path(args.base), out)
+        pipeline_around(Path(args.base), out)
     log.info("exported the %s weights of %s as a diffusers Wan %s -> %s", used, path, "pipeline" if args.base else "transformer", out)
 
 

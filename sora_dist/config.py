@@ -315,8 +315,13 @@ class AdapterConfig:
     """Dropout on the adapters' input."""
 
     @property
+    def resolved_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else self.rank
+
+    @property
     def scale(self) -> float:
-        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+        """What the adapters' product is multiplied by: alpha / rank."""
+        return self.resolved_alpha / self.rank
 
 
 @dataclass

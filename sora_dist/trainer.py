@@ -279,7 +279,7 @@ def _train(cfg: Config, dev, world_size: int, rank: int) -> dict[str, float]:
 def _final_weights(run: Run) -> tuple[Optional[dict], Optional[dict]]:
     """The whole weights and EMA weights on rank 0's CPU, gathered one tensor at a time (so no
     accelerator ever holds more than one whole tensor extra); None on the other ranks."""
-    ema = _with_buffers(run.model, gather_to_rank0(run.ema.shadow)) if run.ema is not None else None
+    ema = _ema_weights(run) if run.ema is not None else None
     deepspeed = run.state.deepspeed
     if deepspeed is not None and run.dims.world_size > 1 and deepspeed.zero_optimization_stage() == 3:
         from deepspeed.zero import GatheredParameters
@@ -290,6 +290,11 @@ def _final_weights(run: Run) -> tuple[Optional[dict], Optional[dict]]:
                 weights[name] = param.detach().to("cpu", copy=True)
         return (_with_buffers(run.model, weights) if dist.get_rank() == 0 else None), ema
     return gather_to_rank0(run.model.state_dict()), ema
+
+
+def _ema_weights(run: Run) -> Optional[dict]:
+    """The EMA weights whole on rank 0 (every rank joins), with the model's buffers; None elsewhere."""
+    return _with_buffers(run.model, gather_to_rank0(run.ema.shadow))
 
 
 def _with_buffers(model: torch.nn.Module, weights: Optional[dict]) -> Optional[dict]:
@@ -330,7 +335,7 @@ def _finish(cfg, model_cfg, weights, ema_weights, objective, loader, history, ou
 
 def _write_training_samples(run: Run, step: int) -> None:
     """Gather the EMA weights (every rank joins) and sample them on rank 0."""
-    weights = _with_buffers(run.model, gather_to_rank0(run.ema.shadow)) if run.ema is not None else gather_to_rank0(run.model.state_dict())
+    weights = _ema_weights(run) if run.ema is not None else gather_to_rank0(run.model.state_dict())
     if run.samples is None:
         return
     single = single_model(run.cfg, run.model_cfg, run.dev.torch_device)

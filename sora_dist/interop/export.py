@@ -89,9 +89,10 @@ def write_lora(read: Callable[[list[str]], dict[str, torch.Tensor]], cfg: DiTCon
     return out / LORA_FILE
 
 
-def pipeline_around(transformer: Path, base: Path, out: Path) -> None:
-    """A pipeline folder ``out``: the base pipeline's model_index.json and every other component
-    linked (VAE, text encoder, tokenizer, scheduler), with ``transformer`` as its transformer/."""
+def pipeline_around(base: Path, out: Path) -> None:
+    """A pipeline folder ``out`` around the transformer exported to ``out/transformer``: the base
+    pipeline's model_index.json and every other component linked (VAE, text encoder, tokenizer,
+    scheduler)."""
     index = base / "model_index.json"
     if not index.is_file():
         raise SoraDistError(f"{base} has no model_index.json: --base takes a diffusers Wan pipeline folder (e.g. Wan2.1-T2V-1.3B-Diffusers)")
@@ -104,5 +105,3 @@ def pipeline_around(transformer: Path, base: Path, out: Path) -> None:
         if entry.name in ("transformer", "model_index.json") or (out / entry.name).exists():
             continue
         (out / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
-    if transformer != out / "transformer":
-        raise SoraDistError(f"the transformer must be written to {out / 'transformer'}")

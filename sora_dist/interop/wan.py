@@ -230,11 +230,6 @@ def to_theirs(ours: torch.Tensor, tmap: TensorMap) -> torch.Tensor:
     return rows.reshape(tmap.theirs_shape)
 
 
-def state_dict_to_ours(theirs: dict[str, torch.Tensor], cfg: DiTConfig, ours_shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """A whole Wan state dict (diffusers names) as ours; for tests and small models."""
-    return {m.ours: to_ours(theirs[m.theirs], m, ours_shapes[m.ours]) for m in tensor_maps(cfg)}
-
-
 def state_dict_to_theirs(ours: dict[str, torch.Tensor], cfg: DiTConfig) -> dict[str, torch.Tensor]:
     """A whole state dict of ours in diffusers Wan names and layouts."""
     return {m.theirs: to_theirs(ours[m.ours], m) for m in tensor_maps(cfg)}

@@ -195,9 +195,8 @@ class RMSNorm(nn.Module):
 
 class AllHeadsRMSNorm(nn.Module):
     """RMSNorm of queries or keys over all heads' channels together (Wan's QK-norm), on (B, H, N, Dh)
-    with one weight per channel of the flat (H*Dh) projection. Plain ops, not the fused switch:
-    under tensor parallelism the input is a DTensor split by heads, and DTensor sums the squares
-    over the ranks' heads."""
+    with one weight per channel of the flat (H*Dh) projection (``fused.all_heads_rms_norm``; under
+    tensor parallelism DTensor sums the squares over the ranks' heads)."""
 
     def __init__(self, num_heads: int, head_dim: int, eps: float = 1e-6):
         super().__init__()
@@ -222,8 +221,7 @@ class ModulationTable(nn.Module):
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
         """c: (..., rows * D), the conditioning each row of the table is added to."""
-        c = c.to(torch.promote_types(c.dtype, torch.float32))
-        return self.table.flatten().to(torch.promote_types(self.table.dtype, c.dtype)) + c
+        return self.table.flatten() + c.to(torch.promote_types(c.dtype, torch.float32))  # the sum takes the wider dtype
 
 
 class TimestepEmbedder(nn.Module):
@@ -497,8 +495,8 @@ class VideoDiT(nn.Module):
         # A row with no token (guidance's unconditional half, caption dropout) is the empty prompt:
         # its first rows take the prompt's states (the rest are zero already).
         dropped = ~text_mask.any(dim=1)
-        first = min(rows, empty.shape[0])
-        text[:, :first] = torch.where(dropped[:, None, None], empty[None, :first], text[:, :first])
+        first = empty.shape[0]  # never more than rows
+        text[:, :first] = torch.where(dropped[:, None, None], empty[None], text[:, :first])
         context = self.text_embedder(text)
         if rows == length:
             return context

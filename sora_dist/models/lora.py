@@ -11,6 +11,7 @@ wrappers, so FSDP shards the adapters with the rest and reduces only their gradi
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -31,7 +32,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str], drop
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown:
         raise ConfigError(f"lora.targets {unknown} are not linear layers of a block: choose from {', '.join(TARGETS)}")
-    widths = {target: min(_linear(model.blocks[0], target).in_features, _linear(model.blocks[0], target).out_features) for target in targets}
+    widths = {target: min(model.blocks[0].get_submodule(target).weight.shape) for target in targets}
     too_narrow = {t: w for t, w in widths.items() if rank > w}
     if too_narrow:
         raise ConfigError(f"lora.rank={rank} is larger than the layers {too_narrow} (their smaller side): lower lora.rank")
@@ -39,12 +40,6 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: list[str], drop
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern), model, adapter_name=ADAPTER)
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter(name))
-
-
-def _linear(block: nn.Module, target: str) -> nn.Linear:
-    module = block.get_submodule(target)
-    assert isinstance(module, nn.Linear), (target, type(module))
-    return module
 
 
 def is_adapter(name: str) -> bool:
@@ -70,6 +65,16 @@ def stored_names(name: str, adapted: set[str]) -> list[str]:
 def adapted_modules(names) -> set[str]:
     """The layers that carry adapters, from an adapted model's parameter names."""
     return {n.split(".lora_A.")[0] for n in names if ".lora_A." in n}
+
+
+def merging_reader(read: Callable[[list[str]], dict[str, torch.Tensor]], adapted: set[str], scale: float) -> Callable[[list[str]], dict[str, torch.Tensor]]:
+    """``read`` (stored names -> tensors) as a reader of base parameters with the adapters folded in."""
+
+    def read_merged(names: list[str]) -> dict[str, torch.Tensor]:
+        stored = read([s for name in names for s in stored_names(name, adapted)])
+        return {name: merged(name, stored, adapted, scale) for name in names}
+
+    return read_merged
 
 
 def merged(name: str, stored: dict[str, torch.Tensor], adapted: set[str], scale: float) -> torch.Tensor:
