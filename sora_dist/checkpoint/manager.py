@@ -37,7 +37,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from sora_dist.checkpoint.files import (
-    COMPLETE, HashingWriter, SafeLoadPlanner, SafeReader, file_digest, files_of, read_manifest, size_problem, verify_share,
+    HashingWriter, SafeLoadPlanner, SafeReader, file_digest, files_of, read_manifest, size_problem, verify_share,
     weights_only_loads, write_manifest,
 )
 from sora_dist.checkpoint.state import TrainState, decode_data_state, distributed, encode_data_state, rank, single_process_ok

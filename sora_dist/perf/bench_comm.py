@@ -53,7 +53,6 @@ import argparse
 import logging
 import os
 import statistics
-import sys
 import time
 from typing import Callable
 

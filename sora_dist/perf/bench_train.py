@@ -17,7 +17,6 @@ import dataclasses
 import logging
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 

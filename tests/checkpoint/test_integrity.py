@@ -6,7 +6,6 @@ stops with one line naming each; ``sora-dist checkpoint verify`` checks a folder
 import io
 import json
 import logging
-import os
 import pickle
 from pathlib import Path
 
