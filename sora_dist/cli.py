@@ -1,4 +1,4 @@
-"""``sora-dist`` command line: train | sample | export | checkpoint verify | make-synthetic | encode | decode | inspect | plot | goodput | fault-drill | bench-* | plan | ..."""
+"""``sora-dist`` command line: train | sample | export | checkpoint verify | make-synthetic | curate | caption | encode | decode | inspect | plot | goodput | fault-drill | bench-* | plan | ..."""
 
 from __future__ import annotations
 
@@ -38,8 +38,23 @@ def cmd_make_synthetic(args: argparse.Namespace, overrides: list[str]) -> None:
 def cmd_encode(args: argparse.Namespace, overrides: list[str]) -> None:
     from sora_dist.data.encode import EncodeConfig, run_encode
 
-    fields = {k: v for k, v in vars(args).items() if k in EncodeConfig.__dataclass_fields__ and v is not None}
-    run_encode(EncodeConfig(**fields))
+    run_encode(EncodeConfig(**_dataclass_fields(EncodeConfig, args)))
+
+
+def _dataclass_fields(cls, args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__ and v is not None}
+
+
+def cmd_curate(args: argparse.Namespace, overrides: list[str]) -> None:
+    from sora_dist.data.curate import CurateConfig, run_curate
+
+    run_curate(CurateConfig(**_dataclass_fields(CurateConfig, args)))
+
+
+def cmd_caption(args: argparse.Namespace, overrides: list[str]) -> None:
+    from sora_dist.data.caption import CaptionConfig, run_caption
+
+    run_caption(CaptionConfig(**_dataclass_fields(CaptionConfig, args)))
 
 
 def cmd_decode(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -211,6 +226,54 @@ MODULE_COMMANDS = {
 }
 
 
+def add_curate_parser(sub) -> None:
+    p = sub.add_parser("curate", help="raw videos -> a JSONL of scored clips: probe, scene split, motion/text/aesthetic scores, "
+                       "filters, near-duplicates (runs under torchrun too; docs/data-engine.md)")
+    p.add_argument("inputs", nargs="+", help="folders, globs, video files, or .csv / .jsonl lists of path[, caption]")
+    p.add_argument("--out", required=True, help="the clip list to write, e.g. clips.jsonl (resumes if OUT.parts holds the same job)")
+    split = p.add_argument_group("scene split")
+    split.add_argument("--scene-threshold", dest="scene_threshold", type=float, help="mean absolute RGB change (0-255) that can start a scene (20)")
+    split.add_argument("--scene-ratio", dest="scene_ratio", type=float, help="... and how many times the change around it it must be (3)")
+    split.add_argument("--min-seconds", dest="min_seconds", type=float, help="shortest clip kept (2)")
+    split.add_argument("--max-seconds", dest="max_seconds", type=float, help="longer scenes are cut into equal clips of at most this (10)")
+    split.add_argument("--trim-frames", dest="trim_frames", type=int, help="frames dropped each side of a cut (1)")
+    split.add_argument("--no-split", dest="split", action="store_false", default=None, help="one clip per file")
+    scores = p.add_argument_group("scores")
+    scores.add_argument("--analysis-size", dest="analysis_size", type=int, help="longer side of the frames every score sees (256)")
+    scores.add_argument("--sample-fps", dest="sample_fps", type=float, help="frames per second sampled for the scores (4)")
+    scores.add_argument("--no-text-area", dest="text_area", action="store_false", default=None, help="skip the OCR text-area score")
+    scores.add_argument("--aesthetic-clip", dest="aesthetic_clip", help="a CLIP model (transformers folder or hub name) for the aesthetic score")
+    scores.add_argument("--aesthetic-head", dest="aesthetic_head", help="its scoring head: .safetensors / .pt state dict of linear layers")
+    scores.add_argument("--device", help="device of the aesthetic model (cpu)")
+    keep = p.add_argument_group("filters (changing them re-runs only the selection)")
+    for name in ("min_motion", "max_motion", "min_brightness", "max_brightness", "min_sharpness", "max_text_area", "min_aesthetic"):
+        keep.add_argument("--" + name.replace("_", "-"), dest=name, type=float)
+    keep.add_argument("--dedup-bits", dest="dedup_bits", type=int, help="near-duplicate distance, of 192 hash bits (12; -1 keeps duplicates)")
+    keep.add_argument("--write-clips", dest="write_clips", help="also write each kept clip as an .mp4 into this folder")
+    p.set_defaults(func=cmd_curate, overrides_allowed=False)
+
+
+def add_caption_parser(sub) -> None:
+    p = sub.add_parser("caption", help="caption a clip list with a vision-language model (transformers or an OpenAI-compatible "
+                       "server; runs under torchrun too; docs/data-engine.md)")
+    p.add_argument("input", help="a clip list (sora-dist curate's JSONL)")
+    p.add_argument("--out", required=True, help="the captioned clip list to write (resumes if OUT.parts holds the same job)")
+    p.add_argument("--model", required=True, help="a transformers VLM (folder or hub name), or a server URL, e.g. http://localhost:8000/v1")
+    p.add_argument("--endpoint-model", dest="endpoint_model", help="with a URL: the served model's name (default: the first listed)")
+    p.add_argument("--api-key-env", dest="api_key_env", help="with a URL: environment variable holding the API key (OPENAI_API_KEY)")
+    p.add_argument("--instruction", help="what the model is asked (default: a dense, chronological ~80-word description)")
+    p.add_argument("--frames", type=positive_int, help="frames per clip, spread over its span (8)")
+    p.add_argument("--frame-size", dest="frame_size", type=positive_int, help="longer side of each frame, pixels (448)")
+    p.add_argument("--batch-size", dest="batch_size", type=positive_int, help="clips per generate call, local model (4)")
+    p.add_argument("--concurrency", type=positive_int, help="requests in flight, server (8)")
+    p.add_argument("--workers", type=int, help="decoding processes (2)")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=positive_int, help="longest caption, tokens (200)")
+    p.add_argument("--score-words", dest="score_words", nargs="+", help="append these scores as words: motion aesthetic brightness")
+    p.add_argument("--chunk-size", dest="chunk_size", type=positive_int, help="clips per resumable chunk (32)")
+    p.add_argument("--device", help="auto, cuda, npu or cpu")
+    p.set_defaults(func=cmd_caption, overrides_allowed=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(prog="sora-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -247,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--device", help="auto, cuda, npu or cpu")
     p.set_defaults(func=cmd_encode, overrides_allowed=False)
+
+    add_curate_parser(sub)
+    add_caption_parser(sub)
 
     p = sub.add_parser("decode", help="decode a dataset's latents back into videos with its VAE")
     p.add_argument("--data", required=True, help="dataset folder (manifest.json + shards)")

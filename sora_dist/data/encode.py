@@ -12,14 +12,12 @@ captions) are skipped and reported; they never stop the job. Models run in bf16 
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import logging
 import math
 import os
 import tarfile
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,11 +25,12 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from sora_dist import device as device_lib
+from sora_dist.data.clips import read_stages
 from sora_dist.data.encoders import TextEncoder, VideoVAE
 from sora_dist.data.format import EMPTY_CAPTION, Manifest, Sample, shape_key, shard_name
+from sora_dist.data.jobs import Progress, barrier, check_job, join_ranks, leave_ranks
 from sora_dist.data.media import Bucket, InputItem, SkipInput, check_buckets, list_inputs, read_clip
 from sora_dist.data.writer import add_sample, write_manifest
 from sora_dist.errors import ConfigError, DataError, require_extra
@@ -84,22 +83,9 @@ class EncodeConfig:
 
 def _fingerprint(cfg: EncodeConfig, items: list[InputItem]) -> dict[str, Any]:
     """What fixes the chunk -> shard mapping and the content; a restart must match it."""
-    digest = hashlib.sha256(json.dumps([(i.path, i.caption) for i in items]).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps([(i.path, i.caption, i.span) if i.span else (i.path, i.caption) for i in items]).encode()).hexdigest()
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "device", "batch_size")}
     return {"inputs": len(items), "inputs_sha256": digest, **settings}
-
-
-def _check_job(state: Path, fingerprint: dict[str, Any], rank: int) -> None:
-    job = state / "job.json"
-    if job.is_file():
-        previous = json.loads(job.read_text())
-        if previous != fingerprint:
-            changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
-            raise ConfigError(f"{state.parent} holds an encode job with other settings or inputs ({', '.join(changed)}): use a new --out, or delete it to start over")
-    elif rank == 0:
-        tmp = job.with_suffix(".tmp")
-        tmp.write_text(json.dumps(fingerprint, indent=1))
-        os.replace(tmp, job)
 
 
 def write_empty_caption(text: TextEncoder, out: Path) -> None:
@@ -132,13 +118,13 @@ class Encoder:
             try:
                 if not item.caption:
                     raise SkipInput("missing caption", "empty caption, or no caption file / column")
-                clips.append((item, read_clip(item.path, self.buckets, self.cfg.fps or None)))
+                clips.append((item, read_clip(item.path, self.buckets, self.cfg.fps or None, item.span)))
             except SkipInput as skip:
                 skipped.append({"index": item.index, "path": item.path, "reason": skip.kind, "detail": skip.detail})
         texts = self.text.encode([item.caption for item, _ in clips]) if clips else []
         samples = []
         for (item, clip), (states, pooled) in zip(clips, texts):
-            meta = {"caption": item.caption, "source": item.path, **clip.meta, "vae": self.cfg.vae, "text_encoder": self.cfg.text_encoder}
+            meta = {"caption": item.caption, "source": item.path, **item.meta, **clip.meta, "vae": self.cfg.vae, "text_encoder": self.cfg.text_encoder}
             samples.append(Sample(key=f"{item.index:09d}", latent=self.vae.encode(clip.frames), text=states, meta=meta, pooled=pooled))
         return samples
 
@@ -171,7 +157,7 @@ class Encoder:
         return record
 
 
-def merge(out: Path, num_chunks: int) -> dict[str, Any]:
+def merge(out: Path, num_chunks: int, curation: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
     """Rank 0, after every rank is done: one manifest and one report from the chunk records."""
     state = out / STATE_DIR
     missing = [c for c in range(num_chunks) if not _record_path(state, c).is_file()]
@@ -197,35 +183,24 @@ def merge(out: Path, num_chunks: int) -> dict[str, Any]:
     manifest = Manifest(
         latent_channels=latent_channels, text_dim=text_dim,
         shards=[{"name": r["shard"], "samples": r["samples"]} for r in with_samples],
-        shapes=dict(sorted(shapes.items())), **with_samples[0]["manifest_fields"],
+        shapes=dict(sorted(shapes.items())), curation=curation or [], **with_samples[0]["manifest_fields"],
     )
     write_manifest(out, manifest)
     return report
-
-
-def _progress(done: int, total: int, started: float, samples: int) -> None:
-    elapsed = time.monotonic() - started
-    rate = done / elapsed if elapsed > 0 else 0.0
-    eta = (total - done) / rate if rate > 0 else float("nan")
-    log.info("encode: %d/%d chunks of this rank, %d samples kept, %.2f chunks/s, ETA %.0f s", done, total, samples, rate, eta)
 
 
 def run_encode(cfg: EncodeConfig) -> Optional[dict[str, Any]]:
     """Encode on this process's rank (torchrun sets RANK / WORLD_SIZE); rank 0 returns the report."""
     require_extra("encode")
     buckets = cfg.validate()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        # Only barriers cross ranks; gloo needs no accelerator, and a long job must not time out.
-        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, world = join_ranks()
     items = list_inputs(cfg.input)
     if not items:
         raise ConfigError(f"encode input {cfg.input} holds no videos or images")
     out = Path(cfg.out)
     state = out / STATE_DIR
     state.mkdir(parents=True, exist_ok=True)
-    _check_job(state, _fingerprint(cfg, items), rank)
+    check_job(state, _fingerprint(cfg, items), rank)
 
     num_chunks = math.ceil(len(items) / cfg.samples_per_shard)
     mine = [c for c in range(rank, num_chunks, world) if not _record_path(state, c).is_file()]
@@ -236,19 +211,15 @@ def run_encode(cfg: EncodeConfig) -> Optional[dict[str, Any]]:
         encoder = Encoder(cfg, buckets, dev)
         if rank == 0:
             write_empty_caption(encoder.text, out)
-        started, last_log, kept = time.monotonic(), 0.0, 0
+        progress, kept = Progress("encode (rank 0)", len(mine), "chunks"), 0
         for done, chunk in enumerate(mine, 1):
             kept += encoder.encode_chunk(chunk, items[chunk * cfg.samples_per_shard : (chunk + 1) * cfg.samples_per_shard], out, state)["samples"]
-            if rank == 0 and (time.monotonic() - last_log > 10 or done == len(mine)):
-                _progress(done, len(mine), started, kept)
-                last_log = time.monotonic()
-    if dist.is_initialized():
-        dist.barrier()
-    report = merge(out, num_chunks) if rank == 0 else None
+            if rank == 0:
+                progress.update(done, f"{kept} samples kept")
+    barrier()
+    report = merge(out, num_chunks, read_stages(cfg.input)) if rank == 0 else None
     if report is not None:
         reasons = ", ".join(f"{reason} {count}" for reason, count in report["by_reason"].items()) or "none"
         log.info("encode: kept %d, skipped %d (%s) -> %s; report %s", report["kept"], report["skipped"], reasons, out, out / REPORT_NAME)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_ranks()
     return report

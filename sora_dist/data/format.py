@@ -68,6 +68,9 @@ class Manifest:
     float16 (``EMPTY_CAPTION``); empty where the writer did not record it."""
     compression: dict[str, int] = field(default_factory=lambda: {"temporal": 1, "spatial": 1})
     """Pixel-to-latent compression of the VAE."""
+    curation: list[dict[str, Any]] = field(default_factory=list)
+    """The stages (``curate``, ``caption``: settings, versions, counts) of the clip list the data
+    was encoded from; each sample's metadata holds its clip's id and scores."""
     format_version: int = FORMAT_VERSION
 
     @property

@@ -2,6 +2,8 @@
 
 - ``list_inputs``: a folder (captions in ``<name>.txt`` beside each file) or a CSV / JSONL
   manifest of ``path, caption`` rows (relative paths resolve against the manifest's folder).
+  Clip lists from ``curate`` / ``caption`` (``data.clips``) are such JSONL: their rows also give
+  a span of the source (``start_time``, ``end_time``) and scores, which go into each sample.
 - ``Bucket`` / ``choose_bucket``: each clip keeps its aspect ratio; it goes to the bucket
   resolution nearest to it in log aspect ratio, with the most frames it can fill at the target fps.
 - ``read_clip``: decode (PyAV for video, Pillow for images), sample frames at the target fps,
@@ -15,7 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -41,17 +43,28 @@ class InputItem:
     """Position in the job's input list; stable across restarts, so it names the sample."""
     path: str
     caption: str
+    span: Optional[tuple[float, float]] = None
+    """(start, end) presentation times of the first and last frame to use; None: the whole file."""
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    """What a clip list says about the clip (its id and scores), kept in the sample's metadata."""
+
+
+CLIP_FIELDS = ("id", "scores", "start_frame", "end_frame")
 
 
 def _read_rows(manifest: Path) -> list[dict[str, Any]]:
     if manifest.suffix == ".jsonl":
+        from sora_dist.data.clips import HEADER_KEY
+
         rows = []
         for number, line in enumerate(manifest.read_text().splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise ConfigError(f"{manifest} line {number} is not JSON ({err}): each line must be an object with path and caption") from err
+                if not (isinstance(row, dict) and HEADER_KEY in row):
+                    rows.append(row)
         return rows
     with manifest.open(newline="") as f:
         reader = csv.DictReader(f)
@@ -79,7 +92,9 @@ def list_inputs(source: str | Path) -> list[InputItem]:
         if not isinstance(row, dict) or not row.get("path"):
             raise ConfigError(f"{source} row {i + 1} has no path: {row!r}")
         path = Path(row["path"])
-        items.append(InputItem(i, str(path if path.is_absolute() else source.parent / path), str(row.get("caption") or "").strip()))
+        span = (float(row["start_time"]), float(row["end_time"])) if row.get("end_time") is not None else None
+        meta = {f"clip_{k}" if k != "scores" else k: row[k] for k in CLIP_FIELDS if k in row}
+        items.append(InputItem(i, str(path if path.is_absolute() else source.parent / path), str(row.get("caption") or "").strip(), span, meta))
     return items
 
 
@@ -189,9 +204,10 @@ def _video_timing(container, stream) -> tuple[float, float]:
     return fps, duration
 
 
-def read_video(path: str, buckets: list[Bucket], target_fps: Optional[float]) -> Clip:
+def read_video(path: str, buckets: list[Bucket], target_fps: Optional[float], span: Optional[tuple[float, float]] = None) -> Clip:
     """Frames at ``target_fps`` (or the source rate, whichever is lower) from the start of the
-    clip, as many as the chosen bucket holds."""
+    clip (or of ``span``, presentation times of its first and last frame), as many as the chosen
+    bucket holds."""
     import av
     from PIL import Image
 
@@ -210,6 +226,11 @@ def read_video(path: str, buckets: list[Bucket], target_fps: Optional[float]) ->
         if not fps or not width or not height:
             raise SkipInput("unreadable", f"no frame rate or size in the stream (fps {fps}, {width}x{height})")
         rate = min(target_fps, fps) if target_fps else fps
+        start = span[0] if span else None
+        if span:
+            duration = span[1] - span[0] + 1 / fps
+            if span[0] > 0 and stream.time_base:
+                container.seek(int(span[0] / stream.time_base), stream=stream, backward=True)
         available = int(math.floor(max(0.0, duration - 1 / fps) * rate + 1e-6)) + 1 if duration > 0 else 0
         if available == 0:
             raise SkipInput("empty", "the stream has no duration")
@@ -218,6 +239,10 @@ def read_video(path: str, buckets: list[Bucket], target_fps: Optional[float]) ->
         try:
             for frame in container.decode(stream):
                 t = frame.time if frame.time is not None else len(times) / fps
+                if start is not None:
+                    if t < start - 0.5 / fps:  # before the span (decoded from the key frame before it)
+                        continue
+                    t -= start
                 if t + 0.5 / fps < len(frames) / rate:  # before the next wanted time: not needed
                     continue
                 image, box = resize_crop(Image.fromarray(frame.to_ndarray(format="rgb24")), bucket.height, bucket.width)
@@ -233,17 +258,18 @@ def read_video(path: str, buckets: list[Bucket], target_fps: Optional[float]) ->
         raise SkipInput("too short", f"{len(frames)} decodable frames at {rate:g} fps; bucket {bucket} needs {bucket.frames}")
     meta = {
         "source_kind": "video", "source_size": [width, height], "source_fps": fps, "source_duration": round(duration, 4),
+        **({"span": [span[0], span[1]]} if span else {}),
         "fps": rate, "frame_times": times, "bucket": str(bucket), "crop": box,
     }
     return Clip(np.stack(frames), meta)
 
 
-def read_clip(path: str, buckets: list[Bucket], target_fps: Optional[float]) -> Clip:
+def read_clip(path: str, buckets: list[Bucket], target_fps: Optional[float], span: Optional[tuple[float, float]] = None) -> Clip:
     suffix = Path(path).suffix.lower()
     if suffix in IMAGE_SUFFIXES:
         return read_image(path, buckets)
     if suffix in VIDEO_SUFFIXES:
-        return read_video(path, buckets, target_fps)
+        return read_video(path, buckets, target_fps, span)
     raise SkipInput("unsupported", f"{suffix or 'no suffix'}: use one of {sorted(VIDEO_SUFFIXES | IMAGE_SUFFIXES)}")
 
 
