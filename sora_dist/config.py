@@ -239,6 +239,8 @@ class TrainConfig:
     """Every this many steps, sample sample_prompts and one image-to-video case (the first video of the dataset) with the EMA weights into out_dir/samples/step-N/ and TensorBoard; 0 turns it off."""
     sample_prompts: list[str] = field(default_factory=list)
     """Prompts sampled every sample_every steps and at the end, through the dataset's text encoder; empty takes sample_caption."""
+    sample_prompt_extend: str = ""
+    """A language model (transformers folder or hub name) or OpenAI-compatible server URL that rewrites sample_prompts into dense captions once, at the start, as `sora-dist sample --prompt-extend` does; empty: the prompts as written."""
 
 
 @dataclass

@@ -35,6 +35,7 @@ class MissingDependencyError(SoraDistError):
 
 EXTRAS = {
     "encode": ("av", "PIL", "diffusers", "transformers"),
+    "curate": ("av", "PIL", "cv2", "transformers"),
     "deepspeed": ("deepspeed",),
     "lora": ("peft",),
 }

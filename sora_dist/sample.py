@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +27,7 @@ from sora_dist.checkpoint import COMPLETE
 from sora_dist.config import Config, ParallelConfig, load_config
 from sora_dist.console import CommandParser, exit_process, user_command
 from sora_dist.data.format import Manifest, read_manifest
+from sora_dist.data.media import IMAGE_SUFFIXES
 from sora_dist.diffusion import build_objective, guided, sample
 from sora_dist.errors import ConfigError, DataError
 from sora_dist.metrics import ProgressLine
@@ -58,6 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="source", required=True, metavar="RUN",
                    help="a run folder (its final weights, else its newest checkpoint) or a checkpoint folder (RUN/checkpoints/step-N)")
     p.add_argument("--prompt", default="", help="text to sample, encoded by the dataset's text encoder (default: train.sample_caption, else the dataset's first caption)")
+    p.add_argument("--prompt-extend", default="", metavar="MODEL_OR_URL",
+                   help="rewrite --prompt into a dense caption first, with a transformers language model (folder or hub name; a "
+                        "vision-language one with --image) or an OpenAI-compatible server URL; recorded in request.json")
+    p.add_argument("--prompt-extend-examples", type=int, default=3, help="with --prompt-extend: dataset captions shown as examples of style")
     p.add_argument("--text-encoder", default="", help="transformers text encoder (local folder or hub name) instead of the one the dataset's manifest names")
     p.add_argument("--frames", type=int, default=0, help="latent frames to generate (default: train.sample_shape's); 1 is text-to-image")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="latent height and width (default: the inputs', else train.sample_shape's)")
@@ -223,7 +227,8 @@ def parallel_model(model, args, dims, mesh):
 # Outputs
 
 
-def write_outputs(out: Path, latents: np.ndarray, request: Request, prompt: str, seed: int, inputs: MediaInputs, args) -> None:
+def write_outputs(out: Path, latents: np.ndarray, request: Request, prompt: str, seed: int, inputs: MediaInputs, args,
+                  extension: Optional[dict] = None) -> None:
     """frames.png (a row per clip), latents.npy, request.json and, with a VAE, decoded videos."""
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "latents.npy", latents.astype(np.float32))
@@ -232,6 +237,8 @@ def write_outputs(out: Path, latents: np.ndarray, request: Request, prompt: str,
     given = [] if request.given_frames is None else request.given_frames.nonzero().flatten().tolist()
     record = {"application": request.application, "prompt": prompt, "seed": seed, "latent_shape": list(request.shape),
               "given_frames": given, "strength": request.strength, "num": len(latents)}
+    if extension:
+        record["prompt_extension"] = extension
     (out / "request.json").write_text(json.dumps(record, indent=2))
     if inputs.vae_name not in LATENT_ONLY_VAES:
         from sora_dist.data.decode import decode_to_file
@@ -261,6 +268,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> Path:
         log.info("low-noise expert (timesteps below %g): %s", args.boundary, low_weights)
     manifest = read_manifest(cfg.data.path)
     prompt = args.prompt or cfg.train.sample_caption or first_caption(cfg.data.path)
+    extension = None
+    if args.prompt_extend:
+        prompt, extension = extend_prompt(args, prompt, cfg.data.path, dev.kind)
     text = encode_prompt(manifest, prompt, args.text_encoder, model.cfg.text_dim, dev.torch_device)
     inputs = MediaInputs(manifest, model.cfg.in_channels, args.vae, args.vae_subfolder, dev.torch_device)
     request = build_request(args, inputs, cfg.train.sample_shape)
@@ -269,8 +279,28 @@ def run(args: argparse.Namespace, overrides: list[str]) -> Path:
     latents = generate(cfg, model, objective, text, request, args.samples, args.seed, dev, autocast_dtype(cfg, dev), group, args.guidance)
     out = Path(args.out or (source if source.is_dir() else source.parent) / "samples" / f"cli-{request.application}")
     if not dist.is_initialized() or dist.get_rank() == 0:
-        write_outputs(out, latents, request, prompt, args.seed, inputs, args)
+        write_outputs(out, latents, request, prompt, args.seed, inputs, args, extension)
     return out
+
+
+def extend_prompt(args, prompt: str, data_path: str, device: str) -> tuple[str, dict]:
+    """The extended prompt and its record, made on rank 0 and given to every rank."""
+    from sora_dist.prompt_extend import PromptExtender, example_captions
+
+    result = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        image = None
+        if args.image and Path(args.image).suffix.lower() in IMAGE_SUFFIXES:
+            from PIL import Image
+
+            with Image.open(args.image) as picture:
+                image = np.asarray(picture.convert("RGB"))
+        extender = PromptExtender(args.prompt_extend, example_captions(data_path, args.prompt_extend_examples), image is not None, device)
+        result = [extender.extend(prompt, image, args.seed)]
+        print(f"extended prompt: {result[0][0]}")
+    if dist.is_initialized():
+        dist.broadcast_object_list(result, src=0)
+    return result[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,6 +348,11 @@ class TrainingSamples:
     def __init__(self, cfg: Config, manifest: Manifest, text_dim: int):
         self.cfg = cfg
         prompts = cfg.train.sample_prompts or [cfg.train.sample_caption or first_caption(cfg.data.path)]
+        if cfg.train.sample_prompt_extend:
+            from sora_dist.prompt_extend import PromptExtender, example_captions
+
+            extender = PromptExtender(cfg.train.sample_prompt_extend, example_captions(cfg.data.path), device="cpu")
+            prompts = [extender.extend(prompt, seed=cfg.train.seed)[0] for prompt in prompts]
         frames, h, w = cfg.train.sample_shape
         self.cases = [(prompt, Request("text_to_video", (frames, h, w))) for prompt in prompts]
         video = first_video_frame(cfg.data.path) if frames > 1 else None

@@ -29,7 +29,7 @@ from typing import Any, Optional
 from sora_dist.data.clips import read_clip_list, sample_span, versions, write_clip_list, write_json
 from sora_dist.data.jobs import Progress, barrier, check_job, join_ranks, leave_ranks
 from sora_dist.data.language import Request, connect, is_url
-from sora_dist.errors import ConfigError, DataError
+from sora_dist.errors import ConfigError, DataError, require_extra
 
 log = logging.getLogger("sora_dist")
 
@@ -236,6 +236,7 @@ def merge(cfg: CaptionConfig, stages: list[dict], clips: list[dict[str, Any]], s
 
 def run_caption(cfg: CaptionConfig) -> Optional[dict[str, Any]]:
     """Caption on this process's rank (torchrun sets RANK / WORLD_SIZE); rank 0 returns the report."""
+    require_extra("curate")
     cfg.validate()
     started = time.monotonic()
     rank, world = join_ranks()

@@ -38,7 +38,7 @@ from sora_dist.data.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES, InputItem, Skip
 from sora_dist.data.scores import (
     AestheticScorer, TextDetector, brightness, find_cuts, frame_change, motion, near_duplicates, perceptual_hash, sharpness, text_area,
 )
-from sora_dist.errors import ConfigError, DataError
+from sora_dist.errors import ConfigError, DataError, require_extra
 
 log = logging.getLogger("sora_dist")
 
@@ -418,6 +418,7 @@ def _write_clip_files(kept: list[dict[str, Any]], folder: Path, rank: int, world
 
 def run_curate(cfg: CurateConfig) -> Optional[dict[str, Any]]:
     """Curate on this process's rank (torchrun sets RANK / WORLD_SIZE); rank 0 returns the report."""
+    require_extra("curate")
     cfg.validate()
     started = time.monotonic()
     rank, world = join_ranks()

@@ -121,8 +121,9 @@ class TextDetector:
     def __init__(self):
         try:
             from rapidocr_onnxruntime import RapidOCR
-        except ImportError as err:
-            raise ConfigError("text-area scoring needs rapidocr-onnxruntime: pip install 'sora-dist[curate]', or pass --no-text-area") from err
+        except ImportError as err:  # not installed, or OpenCV's GUI build without libGL
+            raise ConfigError(f"text-area scoring needs rapidocr-onnxruntime and OpenCV ({err}): pip install 'sora-dist[curate]' "
+                              "(and apt-get install libgl1 on slim images), or pass --no-text-area") from None
         # At most the frame's own size: the detector's default upscales to 736 px (40x slower here).
         self.engine = RapidOCR(det_limit_type="max", det_limit_side_len=736)
 
