@@ -217,6 +217,7 @@ MODULE_COMMANDS = {
     "bench-import": "sora_dist.perf.bench_import",
     "bench-wan": "sora_dist.perf.bench_wan",
     "bench-loader": "sora_dist.perf.bench_loader",
+    "bench-data": "sora_dist.perf.bench_data",
     "bench-comm": "sora_dist.perf.bench_comm",
     "calibrate": "sora_dist.perf.calibration",
     "plan": "sora_dist.perf.plan",
@@ -347,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench-import", help="peak memory per rank while importing a Wan folder onto FSDP (see --help)")
     sub.add_parser("bench-wan", help="a Wan training step in sora_dist against diffusers, same weights and input (see --help)")
     sub.add_parser("bench-loader", help="shard streaming samples/s and MB/s, and data wait against a step time (see --help)")
+    sub.add_parser("bench-data", help="data-engine throughput per stage: curate, caption frame decoding, caption with a VLM (see --help)")
     sub.add_parser("bench-comm", help="all-gather, reduce-scatter, all-reduce, all-to-all, ring send/recv on every mesh group (under torchrun)")
     sub.add_parser("calibrate", help="measure this device's achieved FLOP/s and overheads for the performance model")
     sub.add_parser("plan", help="rank every layout on N accelerators: step time, exposed comm, memory, MFU; scaling tables (see --help)")

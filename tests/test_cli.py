@@ -101,6 +101,7 @@ BAD_INPUTS = {
     "bench-loader": [(["--profiles", "foo"], "unknown profiles ['foo']: choose from demo"), (["--profiles", "custom", "--data", NOPE], "does not exist"),
                      (["--profiles", "custom"], "the custom profile streams your dataset: give --data DIR"),
                      (["--workers", "abc"], "invalid int value: 'abc'"), (["--batches", "0"], "0 must be at least 1")],
+    "bench-data": [(["--inputs", f"{NOPE}.mp4", "--repeat", "0"], "0 must be at least 1"), (["--workers", "x"], "invalid int value: 'x'")],
     "bench-comm": [(["--preset", "foo"], "model.preset='foo' is unknown"), (["--max-bytes", "lots"], "is not a size: write bytes or a size like"),
                    (["--max-bytes", "0"], "must be at least 1 byte")],
     "gpu-proof": [(["--out", NOPE, "--parts", "foo"], "invalid choice: 'foo'"), (["--out", NOPE, "--timeout", "x"], "invalid float value")],

@@ -142,13 +142,14 @@ class AestheticScorer:
 
     def __init__(self, clip: str, head: str, device: str = "cpu"):
         import torch
-        from transformers import CLIPModel, CLIPProcessor
+        from transformers import AutoImageProcessor, CLIPVisionModelWithProjection
 
-        try:
-            self.model = CLIPModel.from_pretrained(clip).to(device).eval()
-            self.processor = CLIPProcessor.from_pretrained(clip)
+        try:  # the vision half of a CLIP checkpoint, with its projection
+            self.model = CLIPVisionModelWithProjection.from_pretrained(clip).to(device).eval()
+            self.processor = AutoImageProcessor.from_pretrained(clip)
         except (OSError, ValueError) as err:
-            raise ConfigError(f"--aesthetic-clip {clip!r} could not be loaded as a CLIP model: {err}") from err
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"--aesthetic-clip {clip!r} could not be loaded as a CLIP model: {first}") from None
         self.head = self._read_head(Path(head)).to(device).eval()
         self.device, self.torch = device, torch
 
@@ -182,8 +183,7 @@ class AestheticScorer:
         """Mean score over the frames."""
         with self.torch.no_grad():
             inputs = self.processor(images=frames, return_tensors="pt").to(self.device)
-            features = self.model.get_image_features(**inputs)
-            features = getattr(features, "pooler_output", features)
+            features = self.model(**inputs).image_embeds
             features = features / features.norm(dim=-1, keepdim=True)
             if features.shape[-1] != self.head[0].in_features:
                 raise ConfigError(f"the aesthetic head takes {self.head[0].in_features} features; the CLIP model gives {features.shape[-1]}")

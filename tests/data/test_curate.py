@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from videos import hard_cuts, moving_square, resized, smooth_scene, text_frames, write_audio_only, write_video
+from videos import hard_cuts, moving_square, resized, smooth_scene, text_frames, write_audio_only, write_variable_rate, write_video
 
 from sora_dist.cli import main
 from sora_dist.data.clips import read_clip_list, read_span
@@ -40,10 +40,12 @@ def raw(tmp_path_factory):
     (root / "truncated.mp4").write_bytes(good[: len(good) // 2])
     (root / "zero.mp4").write_bytes(b"")
     write_audio_only(root / "audio.mp4")
+    write_variable_rate(root / "phone.mp4", moving_square(1.0, frames=60))
     return root
 
 
-BAD = {"corrupt.mp4": "unreadable", "truncated.mp4": "unreadable", "zero.mp4": "empty", "audio.mp4": "no video stream", "short.mp4": "too short"}
+BAD = {"corrupt.mp4": "unreadable", "truncated.mp4": "unreadable", "zero.mp4": "empty", "audio.mp4": "no video stream", "short.mp4": "too short",
+       "phone.mp4": "variable frame rate"}
 
 
 def curate(raw, out, **settings):
@@ -207,3 +209,36 @@ def test_bad_command_lines_stop_in_one_line(raw, tmp_path, caplog):
     err = caplog.text
     assert "must be a .jsonl file" in err and "no input files found" in err and "needs both --aesthetic-clip" in err
     assert "Traceback" not in err
+
+
+def save_aesthetic_model(folder: Path, head_out: int = 1) -> tuple[Path, Path]:
+    """A tiny CLIP vision tower with its projection (8 features), and a head of two linear layers."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                   image_size=28, patch_size=14, projection_dim=8)).save_pretrained(folder / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(folder / "clip")
+    head = {"layers.0.weight": torch.randn(4, 8), "layers.0.bias": torch.randn(4), "layers.2.weight": torch.randn(head_out, 4),
+            "layers.2.bias": torch.full((head_out,), 5.0)}
+    save_file(head, folder / "head.safetensors")
+    return folder / "clip", folder / "head.safetensors"
+
+
+def test_aesthetic_score_from_a_clip_model_and_head(raw, tmp_path):
+    clip, head = save_aesthetic_model(tmp_path)
+    inputs = [str(raw / f"square-{s}.mp4") for s in SPEEDS] + [str(raw / "text.mp4"), str(raw / "scene.mp4")]
+    out = tmp_path / "clips.jsonl"
+    run_curate(CurateConfig(inputs=inputs, out=str(out), min_seconds=1.0, text_area=False, aesthetic_clip=str(clip), aesthetic_head=str(head)))
+    scores = [r["scores"]["aesthetic"] for r in read_clip_list(out)[1]]
+    assert len(scores) == 6 and len(set(scores)) > 1
+    middle = sorted(scores)[3]
+    report = run_curate(CurateConfig(inputs=inputs, out=str(out), min_seconds=1.0, text_area=False, aesthetic_clip=str(clip),
+                                     aesthetic_head=str(head), min_aesthetic=middle))
+    assert report["clips_dropped"] == {f"aesthetic < {middle:g}": 3}
+    assert sorted(r["scores"]["aesthetic"] for r in read_clip_list(out)[1]) == sorted(scores)[3:]
+    _, bad_head = save_aesthetic_model(tmp_path / "bad", head_out=2)
+    with pytest.raises(ConfigError, match="expected linear layers ending in one output"):
+        run_curate(CurateConfig(inputs=inputs, out=str(tmp_path / "bad.jsonl"), aesthetic_clip=str(clip), aesthetic_head=str(bad_head)))

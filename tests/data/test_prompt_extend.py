@@ -61,3 +61,17 @@ def test_local_models_text_and_image(tiny_lm, tiny_vlm):
         PromptExtender(str(tiny_lm), [], with_image=True, device="cpu")
     with pytest.raises(ConfigError, match="does not answer"):
         PromptExtender("http://127.0.0.1:9/v1", [])
+
+
+def test_training_samples_extend_their_prompts_once(synthetic_dir, tmp_path):
+    from sora_dist.config import load_config
+    from sora_dist.data import read_manifest
+    from sora_dist.sample import TrainingSamples
+
+    # answers in the synthetic text encoder's words
+    with StandInServer(lambda body: f"a large {body['messages'][1]['content'][-1]['text'].split()[1]} blob moving right") as server:
+        cfg = load_config(None, [f"--data.path={synthetic_dir}", f"--train.out_dir={tmp_path}", "--train.sample_prompts=[a red blob,a blue blob]",
+                                 f"--train.sample_prompt_extend={server.url}", "--train.sample_shape=[1,4,4]"])
+        samples = TrainingSamples(cfg, read_manifest(synthetic_dir), cfg.model.text_dim or 32)
+    assert [prompt for prompt, _ in samples.cases] == ["a large red blob moving right", "a large blue blob moving right"]
+    assert len(server.requests) == 2 and all(r["seed"] == cfg.train.seed for r in server.requests)

@@ -91,3 +91,27 @@ def resized(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     from PIL import Image
 
     return np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.Resampling.LANCZOS)) for f in frames])
+
+
+def write_variable_rate(path: Path, frames: np.ndarray) -> Path:
+    """Frames shown for 20 ms and 60 ms in turn: a variable-frame-rate file (phones write these)."""
+    from fractions import Fraction
+
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        pts = 0
+        for i, frame in enumerate(frames):
+            video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            video_frame.pts, video_frame.time_base = pts, Fraction(1, 1000)
+            pts += 20 if i % 2 else 60
+            for packet in stream.encode(video_frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

