@@ -124,3 +124,34 @@ def test_two_ranks_write_the_same_list_as_one(clips, tmp_path):
     assert json.loads((tmp_path / "two.report.json").read_text())["captioned"] == 7
     assert sorted(p.name for p in Path(tmp_path / "two.jsonl.parts").glob("chunk-*.json")) == [f"chunk-{i:06d}.json" for i in range(4)]
     shutil.rmtree(tmp_path / "two.jsonl.parts")
+
+
+def test_a_killed_job_resumes_from_its_finished_chunks(clips, tmp_path):
+    """SIGKILL from outside while answers are slow; the rerun asks only for unfinished chunks."""
+    import signal
+    import time
+
+    def slow(body):
+        time.sleep(0.3)
+        return REPLY
+
+    out = tmp_path / "out.jsonl"
+    parts = out.with_name(out.name + ".parts")
+    cmd = [sys.executable, "-m", "sora_dist.cli", "caption", str(clips), "--out", str(out), "--model", "", "--frames", "3",
+           "--frame-size", "64", "--chunk-size", "2", "--workers", "0", "--concurrency", "1", "--max-new-tokens", "6", "--score-words", "motion"]
+    with StandInServer(slow) as server:
+        cmd[cmd.index("--model") + 1] = server.url
+        job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not (parts / "chunk-000001.json").exists() and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.05)
+        job.send_signal(signal.SIGKILL)
+        job.wait()
+        done = sorted(p.name for p in parts.glob("chunk-*.json"))
+        asked = len(server.requests)
+        assert done and len(done) < 4 and not out.exists(), done
+        caption(clips, out, server.url, workers=0)
+    rows = read_clip_list(out)[1]
+    assert [r["id"] for r in rows] == [c["id"] for c in read_clip_list(clips)[1]]  # each clip once, in order
+    redone = len(server.requests) - asked
+    assert redone == 7 - 2 * len(done)  # only the clips of unfinished chunks were asked again

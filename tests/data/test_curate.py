@@ -242,3 +242,14 @@ def test_aesthetic_score_from_a_clip_model_and_head(raw, tmp_path):
     _, bad_head = save_aesthetic_model(tmp_path / "bad", head_out=2)
     with pytest.raises(ConfigError, match="expected linear layers ending in one output"):
         run_curate(CurateConfig(inputs=inputs, out=str(tmp_path / "bad.jsonl"), aesthetic_clip=str(clip), aesthetic_head=str(bad_head)))
+
+
+def test_encode_reads_exactly_the_span(curated):
+    from sora_dist.data.media import Bucket, read_clip
+
+    for scene, channel in ((0, 0), (1, 1), (2, 2)):  # red, green, blue scenes
+        clip = curated[3][f"cuts.mp4#{scene}"]
+        read = read_clip(clip["path"], [Bucket(9, 32, 48)], 12.0, (clip["start_time"], clip["end_time"]))
+        means = read.frames.reshape(-1, 3).mean(0)
+        assert means.argmax() == channel and means[channel] > 150, (scene, means)
+        assert read.meta["span"] == [clip["start_time"], clip["end_time"]] and read.meta["frame_times"][0] == 0.0
