@@ -1,7 +1,8 @@
 """``sora-dist caption``: a clip list (curate's JSONL) -> the same list with a new, dense caption
 per clip, written by a vision-language model.
 
-- Frames: ``frames`` per clip, spread evenly over its span, longer side ``frame_size``, decoded
+- Frames: ``frames`` per clip (or ``fps`` a second, up to ``frames``), spread evenly over its
+  span, longer side ``frame_size``, decoded
   in DataLoader worker processes while the model generates, so the accelerator does not wait on
   the CPU; the report gives the share of time it did wait.
 - Model: a local transformers VLM (``--model``: folder or hub name) or an OpenAI-compatible
@@ -89,7 +90,9 @@ class CaptionConfig:
     """With a URL: the environment variable holding the API key (none needed for a local vLLM)."""
     instruction: str = INSTRUCTION
     frames: int = 8
-    """Frames per clip, spread evenly over its span."""
+    """Frames per clip, spread evenly over its span (the most, with ``fps``)."""
+    fps: float = 0.0
+    """Sample this many frames per second of the clip instead (at least 1, at most ``frames``); 0: always ``frames``."""
     frame_size: int = 448
     """Longer side of each frame, pixels."""
     batch_size: int = 4
@@ -106,8 +109,8 @@ class CaptionConfig:
     device: str = "auto"
 
     def validate(self) -> None:
-        if min(self.frames, self.frame_size, self.batch_size, self.concurrency, self.chunk_size, self.max_new_tokens) < 1 or self.workers < 0:
-            raise ConfigError("--frames, --frame-size, --batch-size, --concurrency, --chunk-size and --max-new-tokens must be >= 1, --workers >= 0")
+        if min(self.frames, self.frame_size, self.batch_size, self.concurrency, self.chunk_size, self.max_new_tokens) < 1 or self.workers < 0 or self.fps < 0:
+            raise ConfigError("--frames, --frame-size, --batch-size, --concurrency, --chunk-size and --max-new-tokens must be >= 1, --workers and --fps >= 0")
         unknown = sorted(set(self.score_words) - set(SCORE_WORDS))
         if unknown:
             raise ConfigError(f"--score-words {' '.join(unknown)}: known scores are {', '.join(SCORE_WORDS)}")
@@ -118,8 +121,14 @@ class CaptionConfig:
 class ClipFrames:
     """A map-style dataset over clips: (position, frames or None, reason, decode seconds)."""
 
-    def __init__(self, clips: list[dict[str, Any]], frames: int, size: int):
-        self.clips, self.frames, self.size = clips, frames, size
+    def __init__(self, clips: list[dict[str, Any]], frames: int, size: int, fps: float = 0.0):
+        self.clips, self.frames, self.size, self.fps = clips, frames, size, fps
+
+    def count(self, clip: dict[str, Any]) -> int:
+        duration = clip.get("duration")
+        if not self.fps or duration is None:
+            return self.frames
+        return max(1, min(self.frames, round(duration * self.fps)))
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -129,7 +138,7 @@ class ClipFrames:
         start = time.perf_counter()
         try:
             end_time = clip.get("end_time")
-            frames = sample_span(clip["path"], clip.get("start_time", 0.0), math.inf if end_time is None else end_time, self.frames, self.size)
+            frames = sample_span(clip["path"], clip.get("start_time", 0.0), math.inf if end_time is None else end_time, self.count(clip), self.size)
             reason = "" if frames else "no decodable frames in the span"
         except Exception as err:  # noqa: BLE001 - a file that changed or broke since curate
             frames, reason = [], f"{type(err).__name__}: {err}"
@@ -159,7 +168,7 @@ class Captioner:
         positions = [p for c in chunks for p in range(c * cfg.chunk_size, min((c + 1) * cfg.chunk_size, len(self.clips)))]
         batch = cfg.concurrency if is_url(cfg.model) else cfg.batch_size
         loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(ClipFrames(self.clips, cfg.frames, cfg.frame_size), positions), batch_size=batch,
+            torch.utils.data.Subset(ClipFrames(self.clips, cfg.frames, cfg.frame_size, cfg.fps), positions), batch_size=batch,
             num_workers=cfg.workers, collate_fn=_as_list, prefetch_factor=2 if cfg.workers else None,
         )
         pending: dict[int, dict[str, Any]] = {c: {"chunk": c, "captions": {}, "failed": {}, "seconds": {"decode": 0.0, "wait": 0.0, "model": 0.0}} for c in chunks}
@@ -247,7 +256,7 @@ def run_caption(cfg: CaptionConfig) -> Optional[dict[str, Any]]:
     state = out.with_name(out.name + ".parts")
     state.mkdir(parents=True, exist_ok=True)
     fingerprint = {"clips": [[c["path"], c.get("start_time"), c.get("end_time")] for c in clips],
-                   **{k: v for k, v in asdict(cfg).items() if k in ("model", "endpoint_model", "instruction", "frames", "frame_size", "max_new_tokens", "chunk_size")}}
+                   **{k: v for k, v in asdict(cfg).items() if k in ("model", "endpoint_model", "instruction", "frames", "fps", "frame_size", "max_new_tokens", "chunk_size")}}
     check_job(state, fingerprint, rank, record=False)
     num_chunks = math.ceil(len(clips) / cfg.chunk_size)
     mine = [c for c in range(rank, num_chunks, world) if not _chunk_path(state, c).is_file()]

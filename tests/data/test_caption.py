@@ -75,6 +75,10 @@ def test_a_server_gets_each_clips_frames_and_its_answer_is_cleaned(clips, tmp_pa
     assert request["messages"][0]["content"].startswith("Describe this video")
     images = [c for c in request["messages"][1]["content"] if c["type"] == "image_url"]
     assert len(images) == 4 and all(i["image_url"]["url"].startswith("data:image/jpeg;base64,") for i in images)
+    # --fps: frames per second of each clip (these last 1.2-1.25 s), at most --frames
+    with StandInServer(lambda body: REPLY) as server:
+        caption(clips, tmp_path / "fps.jsonl", server.url, frames=4, fps=2.0)
+    assert sorted(sum(c["type"] == "image_url" for c in r["messages"][1]["content"]) for r in server.requests) == [2] * 7
 
 
 def test_an_interrupted_job_resumes_without_redoing_clips(clips, tmp_path):
