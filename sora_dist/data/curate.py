@@ -6,7 +6,8 @@ Two phases, so thresholds can change without decoding anything again:
    file, decode every frame once at a small size, find the scene cuts on every frame, cut the
    scenes into clips between ``min_seconds`` and ``max_seconds`` (trimming ``trim_frames`` at
    each cut), and score each clip from frames sampled ``sample_fps`` times a second: motion,
-   brightness, sharpness, text area, optional aesthetic score, perceptual hash. A finished file
+   brightness and sharpness are measured as each sample streams by; text area, the optional
+   aesthetic score and the perceptual hash on the clip's first, middle and last samples. A finished file
    leaves ``OUT.parts/source-N.json``; a restarted job skips it. A file that cannot be used
    (missing, unreadable, no video stream, too short, rotated, variable frame rate, decoding
    stops part-way) is recorded with its reason; it never stops the job.
@@ -36,7 +37,8 @@ from sora_dist.data.clips import read_clip_list, read_span, scaled_size, version
 from sora_dist.data.jobs import Progress, barrier, check_job, join_ranks, leave_ranks
 from sora_dist.data.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES, InputItem, SkipInput, list_inputs, write_clip
 from sora_dist.data.scores import (
-    AestheticScorer, TextDetector, brightness, find_cuts, frame_change, motion, near_duplicates, perceptual_hash, sharpness, text_area,
+    AestheticScorer, TextDetector, brightness, find_cuts, flow_magnitude, frame_change, from_jpeg, near_duplicates, perceptual_hash,
+    sharpness, text_area, to_jpeg,
 )
 from sora_dist.errors import ConfigError, DataError, require_extra
 
@@ -137,14 +139,29 @@ def collect_inputs(sources: list[str]) -> list[InputItem]:
 
 
 @dataclass
+class Sampled:
+    """What a sampled frame leaves behind: its statistics, and itself as a JPEG (a frame at the
+    analysis size is ~110 KB raw, ~10 KB as JPEG: an hour of video at 4 samples a second fits)."""
+
+    motion: float
+    """Optical-flow magnitude to the next frame, pixels at the analysis size."""
+    brightness: float
+    sharpness: float
+    jpeg: bytes
+
+
+@dataclass
 class Decoded:
     fps: float
     width: int
     height: int
+    analysis_width: int
     times: list[float]
     changes: np.ndarray
-    samples: dict[int, tuple[np.ndarray, np.ndarray]]
-    """frame index -> (that frame, the next one) at the analysis size, every ``step`` frames."""
+    samples: dict[int, Sampled]
+    """frame index -> its sample, every ``step`` frames."""
+    sample_seconds: float
+    """Of the decoding time, what measuring the samples took."""
 
 
 def _open(path: str):
@@ -177,8 +194,8 @@ def decode(path: str, cfg: CurateConfig) -> Decoded:
         step = max(1, round(fps / cfg.sample_fps))
         times: list[float] = []
         changes: list[float] = [0.0]
-        samples: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        previous, size, width, height = None, None, 0, 0
+        samples: dict[int, Sampled] = {}
+        previous, size, width, height, sample_seconds = None, None, 0, 0, 0.0
         try:
             for index, frame in enumerate(container.decode(stream)):
                 if size is None:
@@ -192,18 +209,24 @@ def decode(path: str, cfg: CurateConfig) -> Decoded:
                 if previous is not None:
                     changes.append(frame_change(previous[::2, ::2], image[::2, ::2]))
                     if (index - 1) % step == 0:
-                        samples[index - 1] = (previous, image)
+                        clock = time.perf_counter()
+                        samples[index - 1] = _sample(previous, image)
+                        sample_seconds += time.perf_counter() - clock
                 previous = image
         except SkipInput:
             raise
         except Exception as err:  # noqa: BLE001 - a broken stream mid-way
             raise SkipInput("corrupt", f"decoding stopped after {len(times)} frames: {type(err).__name__}: {err}") from None
     if previous is not None and (len(times) - 1) % step == 0:
-        samples[len(times) - 1] = (previous, previous)
+        samples[len(times) - 1] = _sample(previous, previous)
     if not times:
         raise SkipInput("empty", "no decodable frames")
     _check_frame_rate(times, fps)
-    return Decoded(fps, width, height, times, np.asarray(changes), samples)
+    return Decoded(fps, width, height, size[0], times, np.asarray(changes), samples, sample_seconds)
+
+
+def _sample(frame: np.ndarray, following: np.ndarray) -> Sampled:
+    return Sampled(flow_magnitude(frame, following), brightness(frame), sharpness(frame), to_jpeg(frame))
 
 
 def _check_frame_rate(times: list[float], fps: float) -> None:
@@ -247,20 +270,18 @@ class Scorers:
 
 
 def score_clip(decoded: Decoded, start: int, end: int, scorers: Scorers, seconds: Counter) -> dict[str, Any]:
-    pairs = [decoded.samples[i] for i in sorted(decoded.samples) if start <= i < end - 1]
-    if not pairs:  # a clip shorter than the sampling step: its nearest sample
-        nearest = min(decoded.samples, key=lambda i: abs(i - (start + end) // 2))
-        pairs = [decoded.samples[nearest]]
-    frames = [first for first, _ in pairs]
-    ends = [frames[0], frames[len(frames) // 2], frames[-1]]
+    samples = [decoded.samples[i] for i in sorted(decoded.samples) if start <= i < end - 1]
+    if not samples:  # a clip shorter than the sampling step: its nearest sample
+        samples = [decoded.samples[min(decoded.samples, key=lambda i: abs(i - (start + end) // 2))]]
     clock = time.perf_counter()
-    scores: dict[str, Any] = {"motion": round(motion(pairs, decoded.fps), 5)}
-    seconds["motion"] += time.perf_counter() - clock
-    clock = time.perf_counter()
-    scores["brightness"] = round(brightness(frames), 4)
-    scores["sharpness"] = round(sharpness(frames), 2)
+    scores: dict[str, Any] = {
+        "motion": round(float(np.median([s.motion for s in samples])) * decoded.fps / decoded.analysis_width, 5),
+        "brightness": round(float(np.mean([s.brightness for s in samples])), 4),
+        "sharpness": round(float(np.median([s.sharpness for s in samples])), 2),
+    }
+    ends = [from_jpeg(s.jpeg) for s in (samples[0], samples[len(samples) // 2], samples[-1])]
     hashes = [perceptual_hash(f) for f in ends]
-    seconds["frame stats"] += time.perf_counter() - clock
+    seconds["hash"] += time.perf_counter() - clock
     if scorers.text is not None:
         clock = time.perf_counter()
         scores["text_area"] = round(text_area(scorers.text, ends), 5)
@@ -281,7 +302,8 @@ def analyse(item: InputItem, cfg: CurateConfig, scorers: Scorers) -> dict[str, A
         decoded = decode(item.path, cfg)
     except SkipInput as skip:
         return {**record, "skipped": skip.kind, "detail": skip.detail, "seconds": {"decode": time.perf_counter() - clock}}
-    seconds["decode"] += time.perf_counter() - clock
+    seconds["decode"] += time.perf_counter() - clock - decoded.sample_seconds
+    seconds["frame scores"] += decoded.sample_seconds
     cuts, spans, too_short = clip_spans(decoded, cfg)
     clips = []
     for number, (scene, start, end) in enumerate(spans):

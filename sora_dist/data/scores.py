@@ -5,8 +5,8 @@ analysis size, so scores are comparable across sources of any resolution.
 - Cuts: the mean absolute RGB change between consecutive frames, on every frame. A frame starts
   a new scene when its change passes an absolute threshold *and* is ``ratio`` times the mean
   change around it, so a fast pan (uniformly high change) is not cut, a hard cut is.
-- Motion: dense optical flow (OpenCV Farnebäck) between consecutive frames, mean magnitude, as
-  frame widths per second.
+- Motion: dense optical flow (OpenCV Farnebäck) between a sampled frame and the next one, mean
+  magnitude; curate reports the median over a clip's samples as frame widths per second.
 - Text area: the share of the frame covered by text boxes of a PP-OCRv4 text detector
   (``rapidocr-onnxruntime``, whose weights install with the package).
 - Aesthetic: a CLIP image embedding through a user-supplied head of linear layers (LAION's
@@ -50,29 +50,36 @@ def _gray(frame: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
 
 
-def motion(pairs: list[tuple[np.ndarray, np.ndarray]], fps: float) -> float:
-    """Mean optical-flow magnitude between consecutive frames, in frame widths per second."""
+def flow_magnitude(first: np.ndarray, second: np.ndarray) -> float:
+    """Mean dense optical-flow magnitude (OpenCV Farnebäck) from one frame to the next, pixels."""
     import cv2
 
-    if not pairs:
-        return 0.0
-    magnitudes = []
-    for first, second in pairs:
-        flow = cv2.calcOpticalFlowFarneback(_gray(first), _gray(second), None, 0.5, 3, 15, 3, 5, 1.2, 0)
-        magnitudes.append(float(np.linalg.norm(flow, axis=-1).mean()))
-    return float(np.median(magnitudes)) * fps / pairs[0][0].shape[1]
+    flow = cv2.calcOpticalFlowFarneback(_gray(first), _gray(second), None, 0.5, 3, 15, 3, 5, 1.2, 0)
+    return float(np.linalg.norm(flow, axis=-1).mean())
 
 
-def brightness(frames: list[np.ndarray]) -> float:
+def brightness(frame: np.ndarray) -> float:
     """Mean luma, 0..1."""
-    return float(np.mean([_gray(f).mean() for f in frames])) / 255.0
+    return float(_gray(frame).mean()) / 255.0
 
 
-def sharpness(frames: list[np.ndarray]) -> float:
-    """Variance of the Laplacian of the luma (higher is sharper), median over the frames."""
+def sharpness(frame: np.ndarray) -> float:
+    """Variance of the Laplacian of the luma (higher is sharper)."""
     import cv2
 
-    return float(np.median([cv2.Laplacian(_gray(f), cv2.CV_64F).var() for f in frames]))
+    return float(cv2.Laplacian(_gray(frame), cv2.CV_64F).var())
+
+
+def to_jpeg(frame: np.ndarray, quality: int = 95) -> bytes:
+    import cv2
+
+    return cv2.imencode(".jpg", frame[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
+
+
+def from_jpeg(data: bytes) -> np.ndarray:
+    import cv2
+
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[..., ::-1].copy()
 
 
 def perceptual_hash(frame: np.ndarray) -> int:

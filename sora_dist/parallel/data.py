@@ -190,6 +190,11 @@ def apply_deepspeed(model: nn.Module, optimizer, scheduler, mesh: ParallelMesh, 
     require_extra("deepspeed")
     import deepspeed
 
+    if next(model.parameters()).device.type == "cpu":
+        # DeepSpeed's CPU accelerator JIT-compiles shared-memory collectives (deepspeed_shm_comm,
+        # ~40 s of g++ per machine and install path) for inference all-reduce, which training
+        # never calls: gloo carries every collective here.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
