@@ -30,6 +30,7 @@ from sora_dist.data.format import Manifest, read_manifest
 from sora_dist.data.media import IMAGE_SUFFIXES
 from sora_dist.diffusion import build_objective, guided, sample
 from sora_dist.errors import ConfigError, DataError
+from sora_dist.interop.load import pipeline_root
 from sora_dist.metrics import ProgressLine
 from sora_dist.models import VideoDiT
 from sora_dist.visualize import save_frame_grid, save_loss_plot
@@ -153,6 +154,34 @@ def load_for_sampling(path: Path, raw: bool, dev) -> tuple[Config, VideoDiT, str
     return cfg, model, str(weights)
 
 
+# Wan's own sampling settings (its pipelines' defaults: flow shift 5, guidance 5, 81 frames at
+# 480 x 832, which its VAE makes 21 x 60 x 104 latents); the command line's overrides come after.
+WAN_SAMPLING = ["--diffusion.objective=flow", "--diffusion.shift=5.0", "--diffusion.guidance_scale=5.0",
+                "--diffusion.sampler=euler", "--train.sample_shape=[21,60,104]"]
+
+
+def load_pipeline(root: Path, dev, overrides: list[str]) -> tuple[Config, VideoDiT, Manifest, str]:
+    """A diffusers Wan pipeline folder as if it were a run: its transformer imported, its VAE and
+    text encoder named in a manifest, and the empty prompt's states in the model for guidance."""
+    from sora_dist.build import build_single_device_model
+    from sora_dist.data.encoders import TextEncoder, VideoVAE
+    from sora_dist.interop.load import load_wan
+    from sora_dist.interop.wan import TEXT_LEN, read_config, wan_model_options
+
+    options = wan_model_options(read_config(root / "transformer")[0])
+    model_overrides = [f"--model.{key}={list(value) if isinstance(value, tuple) else value}" for key, value in options.items()]
+    cfg = load_config(None, [*model_overrides, *WAN_SAMPLING, *overrides])
+    model = build_single_device_model(cfg, options["in_channels"], options["text_dim"], torch.device("cpu"))
+    load_wan(model, root)
+    text = TextEncoder(str(root), "text_encoder", "tokenizer", TEXT_LEN)
+    model.set_empty_caption(torch.from_numpy(text.encode([""])[0][0].astype(np.float32)))
+    vae = VideoVAE(str(root), "vae")
+    manifest = Manifest(latent_channels=vae.latent_channels, text_dim=options["text_dim"], shards=[], shapes={},
+                        text_encoder=str(root), text_encoder_subfolder="text_encoder", tokenizer_subfolder="tokenizer",
+                        max_text_length=TEXT_LEN, **vae.manifest_fields())
+    return cfg, model.to(dev.torch_device), manifest, f"{root} (a diffusers Wan pipeline)"
+
+
 def first_caption(root: str) -> str:
     """The dataset's first caption, for sampling without a prompt."""
     from sora_dist.data.decode import iter_samples
@@ -256,9 +285,14 @@ def run(args: argparse.Namespace, overrides: list[str]) -> Path:
 
     source = Path(args.source)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = device_lib.detect(load_config(run_config(source), overrides).parallel.device, local_rank)
-    saved_cfg, model, weights = load_for_sampling(source, args.raw, dev)
-    cfg = load_config(run_config(source), overrides) if overrides else saved_cfg
+    pipeline = pipeline_root(source) if source.is_dir() else None
+    dev = device_lib.detect(load_config(None if pipeline else run_config(source), overrides).parallel.device, local_rank)
+    if pipeline is not None:
+        cfg, model, manifest, weights = load_pipeline(pipeline, dev, overrides)
+    else:
+        saved_cfg, model, weights = load_for_sampling(source, args.raw, dev)
+        cfg = load_config(run_config(source), overrides) if overrides else saved_cfg
+        manifest = read_manifest(cfg.data.path)
     log.info("sampling with %s", weights)
     dims, mesh = sampling_layout(args, model.cfg, dev)
     model = parallel_model(model, args, dims, mesh)
@@ -266,7 +300,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> Path:
         _, low, low_weights = load_for_sampling(Path(args.low_noise_from), args.raw, dev)
         model = TwoExperts(model, parallel_model(low, args, dims, mesh), args.boundary)
         log.info("low-noise expert (timesteps below %g): %s", args.boundary, low_weights)
-    manifest = read_manifest(cfg.data.path)
+    if pipeline is not None and not args.prompt:
+        raise ConfigError(f"{pipeline} is a pretrained pipeline, with no dataset to take a caption from: pass --prompt")
     prompt = args.prompt or cfg.train.sample_caption or first_caption(cfg.data.path)
     extension = None
     if args.prompt_extend:

@@ -211,12 +211,10 @@ def _set_empty_caption(model, data_path: str, manifest) -> None:
                     "dropped for guidance become all-zero context, not the empty prompt's as Wan was trained")
         return
     states = torch.from_numpy(np.load(Path(data_path) / manifest.empty_caption).astype(np.float32))
-    if states.shape[0] > model.empty_caption.shape[0]:
-        raise ConfigError(f"{Path(data_path) / manifest.empty_caption} holds {states.shape[0]} tokens; the empty prompt's states "
-                          f"are at most {model.empty_caption.shape[0]}: a text encoder whose empty prompt is that long is not supported")
-    with torch.no_grad():
-        model.empty_caption.zero_()
-        model.empty_caption[: states.shape[0]].copy_(states)
+    try:
+        model.set_empty_caption(states)
+    except ValueError as err:
+        raise ConfigError(f"{Path(data_path) / manifest.empty_caption}: {err}; a text encoder whose empty prompt is that long is not supported") from None
 
 
 def _load_initial_weights(model, path: str) -> None:

@@ -15,13 +15,14 @@ import json
 import logging
 import struct
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch.distributed.tensor import DTensor
 
 from sora_dist.errors import SoraDistError
 from sora_dist.models.lora import base_name, is_adapter
-from sora_dist.interop.wan import TensorMap, diffusers_name, read_config, tensor_maps, transformer_folder, wan_model_options
+from sora_dist.interop.wan import DIFFUSERS_CLASS, TensorMap, diffusers_name, read_config, tensor_maps, transformer_folder, wan_model_options
 
 log = logging.getLogger("sora_dist")
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -142,3 +143,21 @@ def check_matches(config: dict, cfg) -> None:
         if plain(ours) != plain(value):
             raise SoraDistError(f"the Wan folder's model has {key}={plain(value)!r}, the configured model {plain(ours)!r}: "
                                 f"choose the preset of that Wan model (or set model.{key})")
+
+
+def pipeline_root(path: Path) -> Optional[Path]:
+    """``path`` if it is a diffusers Wan pipeline folder (model_index.json naming a Wan
+    transformer, with transformer/, vae/, text_encoder/ and tokenizer/), else None."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        components = json.loads(index.read_text())
+    except json.JSONDecodeError as err:
+        raise SoraDistError(f"{index} is not valid JSON ({err}): re-download the pipeline's model_index.json") from err
+    if DIFFUSERS_CLASS not in json.dumps(components.get("transformer", "")):
+        return None
+    missing = [name for name in ("transformer", "vae", "text_encoder", "tokenizer") if not (path / name).is_dir()]
+    if missing:
+        raise SoraDistError(f"{path} is a Wan pipeline folder without {', '.join(missing)}/: download the whole pipeline repository")
+    return path

@@ -406,6 +406,15 @@ class VideoDiT(nn.Module):
             self.init_weights()
 
     @torch.no_grad()
+    @torch.no_grad()
+    def set_empty_caption(self, states: torch.Tensor) -> None:
+        """The text encoder's (L, D) states for the empty prompt: what a dropped caption, and the
+        unconditional half of guidance, become under padded text context."""
+        if states.shape[0] > self.empty_caption.shape[0]:
+            raise ValueError(f"the empty prompt's states hold {states.shape[0]} tokens; at most {self.empty_caption.shape[0]} are kept")
+        self.empty_caption.zero_()
+        self.empty_caption[: states.shape[0]].copy_(states)
+
     def init_weights(self) -> None:
         """DiT's initialization; also materializes a model built on the meta device."""
         for name, module in self.named_modules():
