@@ -74,3 +74,44 @@ def test_a_pipeline_needs_a_prompt_and_all_its_parts(pipeline, tmp_path, caplog)
     shutil.rmtree(broken / "vae")
     assert main(["sample", "--from", str(broken), "--prompt", "x", "--out", str(tmp_path / "y")]) == 2
     assert "is a Wan pipeline folder without vae/" in caplog.text
+
+
+def test_image_to_video_equals_wans_ti2v_pipeline(pipeline, tmp_path):
+    """Wan 2.2 TI2V conditioning (the first latent frame given, at timestep 0 per token) through
+    diffusers' WanImageToVideoPipeline(expand_timesteps=True), on the same noise and time grid,
+    equals `sora-dist sample --image` with per-frame timesteps."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+    from PIL import Image
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    from sora_dist.diffusion.schedules import shift_time
+
+    steps, seed, prompt = 4, 7, "a red ball moves left"
+    image = tmp_path / "first.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(np.kron(rng.integers(0, 255, (6, 10, 3)), np.ones((8, 8, 1))).astype(np.uint8)).save(image)  # 80 x 48 px
+    out = tmp_path / "ours"
+    assert main(["sample", "--from", str(pipeline), "--prompt", prompt, "--image", str(image), "--frames", "3", "--size", "6", "10", "--samples", "1",
+                 "--seed", str(seed), "--out", str(out), "--diffusion.sample_steps=4", "--video-format", ".gif"]) == 0
+    ours = torch.from_numpy(np.load(out / "latents.npy"))
+
+    grid = shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), 5.0)[:-1].tolist()
+
+    class OurGrid(FlowMatchEulerDiscreteScheduler):  # the pipeline asks for N steps; give it our shifted grid
+        def set_timesteps(self, num_inference_steps=None, device=None, **kwargs):
+            super().set_timesteps(sigmas=grid, device=device)
+
+    pipe = WanImageToVideoPipeline(
+        tokenizer=AutoTokenizer.from_pretrained(pipeline / "tokenizer"), text_encoder=T5EncoderModel.from_pretrained(pipeline / "text_encoder"),
+        vae=AutoencoderKLWan.from_pretrained(pipeline / "vae"), scheduler=OurGrid(shift=1.0),
+        transformer=WanTransformer3DModel.from_pretrained(pipeline / "transformer"), expand_timesteps=True)
+    noise = torch.randn(1, 4, 3, 6, 10, generator=torch.Generator().manual_seed(seed))
+    with Image.open(image) as picture:
+        theirs = pipe(image=picture.convert("RGB"), prompt=prompt, negative_prompt="", height=48, width=80, num_frames=9,
+                      num_inference_steps=steps, guidance_scale=5.0, latents=noise, output_type="latent").frames
+    assert ours.shape == theirs.shape == (1, 4, 3, 6, 10)
+    # Our media and prompts arrive as a dataset stores them, in float16 (relative rounding 2^-11);
+    # diffusers keeps float32: the given frame agrees to that rounding, and so does the sample.
+    torch.testing.assert_close(ours[:, :, 0], theirs[:, :, 0].float(), rtol=1e-3, atol=1e-3)
+    print("max difference", (ours - theirs).abs().max().item(), "of", theirs.abs().max().item())
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-3, atol=1e-3)
