@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -434,8 +435,9 @@ def _write_clip_files(kept: list[dict[str, Any]], folder: Path, rank: int, world
         target = folder / f"{clip['id']}.mp4"
         if number % world != rank or target.is_file():
             continue
-        frames = np.stack([f for _, f in read_span(clip["path"], clip["start_time"], clip["end_time"])])
-        write_clip(frames, target, clip["fps"])
+        partial = target.with_name(target.stem + ".partial.mp4")  # renamed when whole: a killed job's half file is redone
+        write_clip((f for _, f in read_span(clip["path"], clip["start_time"], clip["end_time"])), partial, clip["fps"])
+        os.replace(partial, target)
 
 
 def run_curate(cfg: CurateConfig) -> Optional[dict[str, Any]]:

@@ -88,11 +88,11 @@ class LocalModel:
 
     def chat(self, requests: list[Request], seed: Optional[int] = None, temperature: float = 0.0) -> list[str]:
         texts = [self._prompt(r) for r in requests]
-        if self.vision:
+        if self.vision:  # pixel values in the model's dtype (bf16 on an accelerator), ids as they are
             inputs = self.processor(text=texts, images=[r.images for r in requests], return_tensors="pt", padding=True)
+            inputs = inputs.to(self.device, dtype=self.model.dtype)
         else:
-            inputs = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        inputs = inputs.to(self.device)
+            inputs = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         if seed is not None:
             self.torch.manual_seed(seed)

@@ -15,11 +15,12 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 
@@ -277,14 +278,17 @@ def read_clip(path: str, buckets: list[Bucket], target_fps: Optional[float], spa
 # Writing
 
 
-def _write_mp4(frames: np.ndarray, path: Path, fps: float) -> None:
+def _write_mp4(frames: Iterable[np.ndarray], path: Path, fps: float) -> None:
+    """Frames as they come (an array, or a generator: a long 4K clip need not fit in memory)."""
     import av
 
-    height, width = frames.shape[1:3]
+    frames = iter(frames)
+    first = next(frames)
+    height, width = first.shape[:2]
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=round(fps))
         stream.width, stream.height, stream.pix_fmt = width - width % 2, height - height % 2, "yuv420p"
-        for frame in frames:
+        for frame in itertools.chain([first], frames):
             video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[: stream.height, : stream.width]), format="rgb24")
             for packet in stream.encode(video_frame):
                 container.mux(packet)
@@ -292,18 +296,19 @@ def _write_mp4(frames: np.ndarray, path: Path, fps: float) -> None:
             container.mux(packet)
 
 
-def _write_gif(frames: np.ndarray, path: Path, fps: float) -> None:
+def _write_gif(frames: Iterable[np.ndarray], path: Path, fps: float) -> None:
     from PIL import Image
 
     images = [Image.fromarray(frame) for frame in frames]
     images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
 
 
-WRITERS: dict[str, Callable[[np.ndarray, Path, float], None]] = {".mp4": _write_mp4, ".gif": _write_gif}
+WRITERS: dict[str, Callable[[Iterable[np.ndarray], Path, float], None]] = {".mp4": _write_mp4, ".gif": _write_gif}
 
 
-def write_clip(frames: np.ndarray, path: str | Path, fps: float = 8.0) -> Path:
-    """uint8 (F, H, W, 3) frames to an .mp4 or .gif file (chosen by the suffix)."""
+def write_clip(frames: np.ndarray | Iterable[np.ndarray], path: str | Path, fps: float = 8.0) -> Path:
+    """uint8 (F, H, W, 3) frames to an .mp4 or .gif file (chosen by the suffix); an .mp4 also
+    takes the frames one by one from an iterable."""
     path = Path(path)
     if path.suffix not in WRITERS:
         raise ConfigError(f"{path}: clips are written as {' or '.join(WRITERS)}")
