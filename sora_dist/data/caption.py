@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-
-from sora_dist.data.clips import read_clip_list, sample_span, versions, write_clip_list, write_json
+from sora_dist.data.clips import read_clip_list, read_still, sample_span, versions, write_clip_list, write_json
 from sora_dist.data.jobs import Progress, barrier, check_job, join_ranks, leave_ranks
 from sora_dist.data.language import Request, connect, is_url
+from sora_dist.data.media import IMAGE_SUFFIXES
 from sora_dist.errors import ConfigError, DataError, require_extra
 
 log = logging.getLogger("sora_dist")
@@ -138,7 +138,10 @@ class ClipFrames:
         start = time.perf_counter()
         try:
             end_time = clip.get("end_time")
-            frames = sample_span(clip["path"], clip.get("start_time", 0.0), math.inf if end_time is None else end_time, self.count(clip), self.size)
+            if Path(clip["path"]).suffix.lower() in IMAGE_SUFFIXES:
+                frames = [read_still(clip["path"], self.size)]
+            else:
+                frames = sample_span(clip["path"], clip.get("start_time", 0.0), math.inf if end_time is None else end_time, self.count(clip), self.size)
             reason = "" if frames else "no decodable frames in the span"
         except Exception as err:  # noqa: BLE001 - a file that changed or broke since curate
             frames, reason = [], f"{type(err).__name__}: {err}"

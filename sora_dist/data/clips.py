@@ -101,6 +101,18 @@ def scaled_size(width: int, height: int, longest: int) -> tuple[int, int]:
     return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
 
 
+def read_still(path: str, longest: Optional[int] = None) -> np.ndarray:
+    """An image (a one-frame clip) upright, as uint8 H x W x 3, its longer side at most
+    ``longest``. Pillow's errors propagate: callers say what a bad file means to them."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image).convert("RGB")  # .convert loads: truncation fails here
+    if longest:
+        image = image.resize(scaled_size(image.width, image.height, longest), Image.Resampling.LANCZOS)
+    return np.asarray(image)
+
+
 def read_span(path: str, start_time: Optional[float] = None, end_time: Optional[float] = None,
               longest: Optional[int] = None) -> Iterator[tuple[float, np.ndarray]]:
     """(presentation time, uint8 H x W x 3 frame) of every frame from ``start_time`` to

@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from sora_dist.data.clips import read_clip_list, read_span, scaled_size, versions, write_clip_list, write_json
+from sora_dist.data.clips import read_clip_list, read_span, read_still, scaled_size, versions, write_clip_list, write_json
 from sora_dist.data.jobs import Progress, barrier, check_job, join_ranks, leave_ranks
 from sora_dist.data.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES, InputItem, SkipInput, list_inputs, write_clip
 from sora_dist.data.scores import (
@@ -115,6 +115,10 @@ class CurateConfig:
             raise ConfigError(f"--analysis-size ({self.analysis_size}) must be >= 16, --sample-fps ({self.sample_fps}) > 0, --trim-frames >= 0")
         if bool(self.aesthetic_clip) != bool(self.aesthetic_head):
             raise ConfigError("the aesthetic score needs both --aesthetic-clip (a CLIP model) and --aesthetic-head (its scoring head)")
+        if self.min_aesthetic is not None and not self.aesthetic_clip:
+            raise ConfigError("--min-aesthetic needs the aesthetic score: give --aesthetic-clip and --aesthetic-head")
+        if self.max_text_area is not None and not self.text_area:
+            raise ConfigError("--max-text-area needs the text-area score: drop --no-text-area")
         if not Path(self.out).name.endswith(".jsonl"):
             raise ConfigError(f"--out {self.out} must be a .jsonl file")
 
@@ -168,8 +172,6 @@ class Decoded:
 def _open(path: str):
     import av
 
-    if Path(path).suffix.lower() in IMAGE_SUFFIXES:
-        raise SkipInput("image", "curate takes videos; give images to encode directly")
     if not Path(path).is_file():
         raise SkipInput("missing file", path)
     if Path(path).stat().st_size == 0:
@@ -297,6 +299,8 @@ def score_clip(decoded: Decoded, start: int, end: int, scorers: Scorers, seconds
 def analyse(item: InputItem, cfg: CurateConfig, scorers: Scorers) -> dict[str, Any]:
     """One source's record: its clips with scores, or the reason it was skipped."""
     record: dict[str, Any] = {"index": item.index, "path": item.path}
+    if Path(item.path).suffix.lower() in IMAGE_SUFFIXES:
+        return {**record, **analyse_image(item, cfg, scorers)}
     seconds: Counter = Counter()
     clock = time.perf_counter()
     try:
@@ -323,20 +327,42 @@ def analyse(item: InputItem, cfg: CurateConfig, scorers: Scorers) -> dict[str, A
             "scenes_too_short": too_short, "seconds": dict(seconds)}
 
 
+def analyse_image(item: InputItem, cfg: CurateConfig, scorers: Scorers) -> dict[str, Any]:
+    """An image is a one-frame clip: every score but motion, and its hash three times (a still
+    video of the same picture is its duplicate)."""
+    import cv2
+
+    clock = time.perf_counter()
+    try:
+        full = read_still(item.path)
+    except Exception as err:  # noqa: BLE001 - Pillow raises many types for bad files
+        return {"skipped": "unreadable", "detail": f"{type(err).__name__}: {err}", "seconds": {"decode": time.perf_counter() - clock}}
+    height, width = full.shape[:2]
+    frame = cv2.resize(full, scaled_size(width, height, cfg.analysis_size), interpolation=cv2.INTER_AREA)
+    seconds: Counter = Counter({"decode": time.perf_counter() - clock})
+    sample = Sampled(0.0, brightness(frame), sharpness(frame), to_jpeg(frame))
+    scored = score_clip(Decoded(1.0, width, height, frame.shape[1], [0.0], np.zeros(1), {0: sample}, 0.0), 0, 1, scorers, seconds)
+    del scored["scores"]["motion"]  # a still has none; motion thresholds pass it
+    clip = {"id": f"{item.index:06d}-000", "path": item.path, "kind": "image", "start_frame": 0, "end_frame": 1, "start_time": 0.0,
+            "end_time": 0.0, "fps": 0.0, "width": width, "height": height, "frames": 1, "duration": 0.0, "scene": 0, **scored}
+    if item.caption:
+        clip["caption"] = item.caption
+    return {"frames": 1, "cuts": [], "clips": [clip], "scenes_too_short": 0, "seconds": dict(seconds)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Phase 2: selection
 
 
 def failed_threshold(scores: dict[str, Any], cfg: CurateConfig) -> Optional[str]:
-    """The first threshold a clip misses, as the report's reason ('motion < 0.01'), or None."""
+    """The first threshold a clip misses, as the report's reason ('motion < 0.01'), or None. A
+    score a clip cannot have (an image's motion) passes."""
     for name, (low, high) in THRESHOLDS.items():
         value = scores.get(name)
         for bound, sign in ((low, "<"), (high, ">")):
             limit = getattr(cfg, bound) if bound else None
-            if limit is None:
+            if limit is None or value is None:
                 continue
-            if value is None:
-                return f"no {name} score"
             if (value < limit) if sign == "<" else (value > limit):
                 return f"{name} {sign} {limit:g}"
     return None
@@ -433,7 +459,7 @@ def _record_path(state: Path, index: int) -> Path:
 def _write_clip_files(kept: list[dict[str, Any]], folder: Path, rank: int, world: int) -> None:
     for number, clip in enumerate(kept):
         target = folder / f"{clip['id']}.mp4"
-        if number % world != rank or target.is_file():
+        if number % world != rank or target.is_file() or clip.get("kind") == "image":
             continue
         partial = target.with_name(target.stem + ".partial.mp4")  # renamed when whole: a killed job's half file is redone
         write_clip((f for _, f in read_span(clip["path"], clip["start_time"], clip["end_time"])), partial, clip["fps"])
@@ -494,7 +520,7 @@ def finish(items: list[InputItem], state: Path, out: Path, cfg: CurateConfig, se
         (out.with_suffix(".report.json")).write_text(json.dumps(summary, indent=1))
         raise DataError(f"curate kept no clip of {len(items)} files: see {out.with_suffix('.report.json')} for every reason")
     if cfg.write_clips:
-        for clip in kept:
+        for clip in (c for c in kept if c.get("kind") != "image"):
             clip["clip_path"] = str((Path(cfg.write_clips) / f"{clip['id']}.mp4").resolve())
     summary = report(records, kept, dropped, dropped_clips, seconds)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("inputs", "out", "device")}

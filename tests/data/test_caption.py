@@ -159,3 +159,18 @@ def test_a_killed_job_resumes_from_its_finished_chunks(clips, tmp_path):
     assert [r["id"] for r in rows] == [c["id"] for c in read_clip_list(clips)[1]]  # each clip once, in order
     redone = len(server.requests) - asked
     assert redone == 7 - 2 * len(done)  # only the clips of unfinished chunks were asked again
+
+
+def test_an_image_in_the_list_is_captioned_from_its_one_frame(clips, tmp_path):
+    from PIL import Image
+
+    from sora_dist.data.curate import CurateConfig, run_curate
+
+    Image.new("RGB", (90, 60), (200, 30, 30)).save(tmp_path / "red.png")
+    listed = tmp_path / "images.jsonl"
+    run_curate(CurateConfig(inputs=[str(tmp_path / "red.png")], out=str(listed), text_area=False))
+    with StandInServer(lambda body: REPLY) as server:
+        report = caption(listed, tmp_path / "out.jsonl", server.url, frames=4)
+    [row] = read_clip_list(tmp_path / "out.jsonl")[1]
+    assert report["captioned"] == 1 and row["kind"] == "image" and row["caption"] == "A red square moving right on a dark background."
+    assert sum(c["type"] == "image_url" for c in server.requests[0]["messages"][1]["content"]) == 1

@@ -41,11 +41,16 @@ def raw(tmp_path_factory):
     (root / "zero.mp4").write_bytes(b"")
     write_audio_only(root / "audio.mp4")
     write_variable_rate(root / "phone.mp4", moving_square(1.0, frames=60))
+    from PIL import Image
+
+    Image.fromarray(text_frames("SALE -50%", frames=1)[0]).save(root / "poster.png")  # images are one-frame clips
+    Image.fromarray(smooth_scene(5, frames=1)[0]).save(root / "still.jpg")
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
     return root
 
 
 BAD = {"corrupt.mp4": "unreadable", "truncated.mp4": "unreadable", "zero.mp4": "empty", "audio.mp4": "no video stream", "short.mp4": "too short",
-       "phone.mp4": "variable frame rate"}
+       "phone.mp4": "variable frame rate", "broken.png": "unreadable"}
 
 
 def curate(raw, out, **settings):
@@ -109,6 +114,13 @@ def test_text_area_finds_the_text(curated):
     assert all(clips[f"square-{s}.mp4#0"]["scores"]["text_area"] == 0.0 for s in SPEEDS)
 
 
+def test_images_are_one_frame_clips_with_every_score_but_motion(curated):
+    poster, still = curated[3]["poster.png#0"], curated[3]["still.jpg#0"]
+    assert (poster["kind"], poster["frames"], poster["width"], poster["height"]) == ("image", 1, 192, 96)
+    assert "motion" not in poster["scores"] and poster["scores"]["text_area"] > 0.05 and still["scores"]["text_area"] == 0.0
+    assert still["scores"]["brightness"] > 0 and still["scores"]["sharpness"] > 0 and len(set(still["hash"])) == 1
+
+
 def test_bad_files_and_the_duplicate_are_dropped_with_their_reasons(curated):
     out, report, stages, clips = curated
     skipped = {Path(s["path"]).name: s["reason"] for s in report["skipped_files"]}
@@ -118,7 +130,7 @@ def test_bad_files_and_the_duplicate_are_dropped_with_their_reasons(curated):
     duplicate = report["dropped_clips"][0]
     by_id = {c["id"]: name for name, c in clips.items()}
     assert by_id[duplicate["of"]] == "scene.mp4#0" and "scene_small.mp4#0" not in clips
-    assert report["clips_kept"] == len(clips) == 3 + len(SPEEDS) + 3
+    assert report["clips_kept"] == len(clips) == 3 + len(SPEEDS) + 3 + 2
     # the header records every setting and the counts; the picture exists
     assert stages[0]["stage"] == "curate" and stages[0]["settings"]["scene_threshold"] == 20.0
     assert stages[0]["counts"]["clips_kept"] == len(clips)
@@ -160,13 +172,14 @@ def test_thresholds_rerun_only_the_selection(raw, curated, tmp_path):
     after = {p.name: p.stat().st_mtime_ns for p in copy.with_name(copy.name + ".parts").glob("source-*.json")}
     assert before == after  # nothing decoded again
     every = [c for r in records(copy).values() for c in r.get("clips", [])]
-    expected = Counter("motion < 0.01" if c["scores"]["motion"] < 0.01 else "text_area > 0.05" for c in every
-                       if c["scores"]["motion"] < 0.01 or c["scores"]["text_area"] > 0.05)
-    assert expected["motion < 0.01"] == 5 and report["clips_dropped"] == {**expected, "duplicate": 1}  # the cuts' scenes, text, plain
-    assert {Path(r["path"]).name for r in read_clip_list(copy)[1]} == {f"square-{s}.mp4" for s in SPEEDS} | {"scene.mp4"}
+    slow = lambda c: c["scores"].get("motion", 1.0) < 0.01  # noqa: E731 - an image has no motion: it passes
+    expected = Counter("motion < 0.01" if slow(c) else "text_area > 0.05" for c in every if slow(c) or c["scores"]["text_area"] > 0.05)
+    assert expected == {"motion < 0.01": 5, "text_area > 0.05": 1}  # the cuts' scenes, text, plain; the poster
+    assert report["clips_dropped"] == {**expected, "duplicate": 1}
+    assert {Path(r["path"]).name for r in read_clip_list(copy)[1]} == {f"square-{s}.mp4" for s in SPEEDS} | {"scene.mp4", "still.jpg"}
     # the text clip, moving little, fails the motion threshold first; alone, the text-area threshold drops it
     report = curate(raw, copy, max_text_area=0.05)
-    assert report["clips_dropped"] == {"text_area > 0.05": 1, "duplicate": 1}
+    assert report["clips_dropped"] == {"text_area > 0.05": 2, "duplicate": 1}  # the text video and the poster
 
 
 def test_an_interrupted_job_resumes_without_redoing_files(raw, curated, tmp_path):
@@ -195,9 +208,9 @@ def test_three_ranks_write_the_same_list_as_one(raw, curated, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = read_clip_list(out)[1]
     assert [{k: v for k, v in r.items() if k != "clip_path"} for r in rows] == read_clip_list(curated[0])[1]
-    # --write-clips: each kept clip as an mp4 of its own frames, written by the three ranks
+    # --write-clips: each kept video clip as an mp4 of its own frames, written by the three ranks (images stay as they are)
     written = sorted((tmp_path / "clips").glob("*.mp4"))
-    assert [p.stem for p in written] == sorted(r["id"] for r in rows)
+    assert [p.stem for p in written] == sorted(r["id"] for r in rows if r.get("kind") != "image") and len(written) == len(rows) - 2
     second = next(r for r in rows if Path(r["path"]).name == "cuts.mp4" and r["scene"] == 1)
     assert len(list(read_span(second["clip_path"]))) == second["frames"]
 
