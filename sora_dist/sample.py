@@ -26,6 +26,7 @@ from sora_dist.applications import LATENT_ONLY_VAES, MediaInputs, Request, build
 from sora_dist.checkpoint import COMPLETE
 from sora_dist.config import Config, ParallelConfig, load_config
 from sora_dist.console import CommandParser, exit_process, user_command
+from sora_dist.data.clips import read_still
 from sora_dist.data.format import Manifest, read_manifest
 from sora_dist.data.media import IMAGE_SUFFIXES
 from sora_dist.diffusion import build_objective, guided, sample
@@ -57,7 +58,8 @@ Config keys of the run override as in training, e.g. --diffusion.sample_steps=50
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # No flag may start a torchrun option (torchrun takes abbreviations): --from, not --run.
     p.add_argument("--from", dest="source", required=True, metavar="RUN",
-                   help="a run folder (its final weights, else its newest checkpoint) or a checkpoint folder (RUN/checkpoints/step-N)")
+                   help="a run folder (its final weights, else its newest checkpoint), a checkpoint folder (RUN/checkpoints/step-N), "
+                        "or a downloaded diffusers Wan pipeline folder")
     p.add_argument("--prompt", default="", help="text to sample, encoded by the dataset's text encoder (default: train.sample_caption, else the dataset's first caption)")
     p.add_argument("--prompt-extend", default="", metavar="MODEL_OR_URL",
                    help="rewrite --prompt into a dense caption first, with a transformers language model (folder or hub name; a "
@@ -286,6 +288,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> Path:
     source = Path(args.source)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     pipeline = pipeline_root(source) if source.is_dir() else None
+    if pipeline is not None and not args.prompt:
+        raise ConfigError(f"{pipeline} is a pretrained pipeline, with no dataset to take a caption from: pass --prompt")
     dev = device_lib.detect(load_config(None if pipeline else run_config(source), overrides).parallel.device, local_rank)
     if pipeline is not None:
         cfg, model, manifest, weights = load_pipeline(pipeline, dev, overrides)
@@ -300,8 +304,6 @@ def run(args: argparse.Namespace, overrides: list[str]) -> Path:
         _, low, low_weights = load_for_sampling(Path(args.low_noise_from), args.raw, dev)
         model = TwoExperts(model, parallel_model(low, args, dims, mesh), args.boundary)
         log.info("low-noise expert (timesteps below %g): %s", args.boundary, low_weights)
-    if pipeline is not None and not args.prompt:
-        raise ConfigError(f"{pipeline} is a pretrained pipeline, with no dataset to take a caption from: pass --prompt")
     prompt = args.prompt or cfg.train.sample_caption or first_caption(cfg.data.path)
     extension = None
     if args.prompt_extend:
@@ -324,12 +326,7 @@ def extend_prompt(args, prompt: str, data_path: str, device: str) -> tuple[str, 
 
     result = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
-        image = None
-        if args.image and Path(args.image).suffix.lower() in IMAGE_SUFFIXES:
-            from PIL import Image
-
-            with Image.open(args.image) as picture:
-                image = np.asarray(picture.convert("RGB"))
+        image = read_still(args.image) if args.image and Path(args.image).suffix.lower() in IMAGE_SUFFIXES else None
         extender = PromptExtender(args.prompt_extend, example_captions(data_path, args.prompt_extend_examples), image is not None, device)
         result = [extender.extend(prompt, image, args.seed)]
         print(f"extended prompt: {result[0][0]}")

@@ -148,7 +148,8 @@ class ClipFrames:
         return position, frames or None, reason, time.perf_counter() - start
 
 
-def _as_list(batch):
+def uncollated(batch: list) -> list:
+    """DataLoader collate: the items as they are (frames of different sizes do not stack)."""
     return batch
 
 
@@ -172,7 +173,7 @@ class Captioner:
         batch = cfg.concurrency if is_url(cfg.model) else cfg.batch_size
         loader = torch.utils.data.DataLoader(
             torch.utils.data.Subset(ClipFrames(self.clips, cfg.frames, cfg.frame_size, cfg.fps), positions), batch_size=batch,
-            num_workers=cfg.workers, collate_fn=_as_list, prefetch_factor=2 if cfg.workers else None,
+            num_workers=cfg.workers, collate_fn=uncollated, prefetch_factor=2 if cfg.workers else None,
         )
         pending: dict[int, dict[str, Any]] = {c: {"chunk": c, "captions": {}, "failed": {}, "seconds": {"decode": 0.0, "wait": 0.0, "model": 0.0}} for c in chunks}
         progress = Progress(f"caption (rank {rank})", len(positions), "clips")

@@ -39,7 +39,7 @@ def read_clip_list(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[st
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ConfigError(f"{path} line {number} is not JSON ({err})") from err
+            raise ConfigError(f"{path} line {number} is not JSON ({err}): each line must be an object with a path (and caption)") from err
         if not isinstance(row, dict):
             raise ConfigError(f"{path} line {number} is not a JSON object")
         if HEADER_KEY in row:

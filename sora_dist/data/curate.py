@@ -39,7 +39,7 @@ from sora_dist.data.jobs import Progress, barrier, check_job, join_ranks, leave_
 from sora_dist.data.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES, InputItem, SkipInput, list_inputs, write_clip
 from sora_dist.data.scores import (
     AestheticScorer, TextDetector, brightness, find_cuts, flow_magnitude, frame_change, from_jpeg, near_duplicates, perceptual_hash,
-    sharpness, text_area, to_jpeg,
+    sharpness, to_jpeg,
 )
 from sora_dist.errors import ConfigError, DataError, require_extra
 
@@ -273,12 +273,20 @@ class Scorers:
 
 
 def score_clip(decoded: Decoded, start: int, end: int, scorers: Scorers, seconds: Counter) -> dict[str, Any]:
+    """Motion and every still score of the clip from its samples."""
     samples = [decoded.samples[i] for i in sorted(decoded.samples) if start <= i < end - 1]
     if not samples:  # a clip shorter than the sampling step: its nearest sample
         samples = [decoded.samples[min(decoded.samples, key=lambda i: abs(i - (start + end) // 2))]]
+    motion = round(float(np.median([s.motion for s in samples])) * decoded.fps / decoded.analysis_width, 5)
+    scored = still_scores(samples, scorers, seconds)
+    return {**scored, "scores": {"motion": motion, **scored["scores"]}}
+
+
+def still_scores(samples: list[Sampled], scorers: Scorers, seconds: Counter) -> dict[str, Any]:
+    """Brightness, sharpness, text area, aesthetic and the hashes, from the samples (text area,
+    aesthetic and hashes on the first, middle and last)."""
     clock = time.perf_counter()
     scores: dict[str, Any] = {
-        "motion": round(float(np.median([s.motion for s in samples])) * decoded.fps / decoded.analysis_width, 5),
         "brightness": round(float(np.mean([s.brightness for s in samples])), 4),
         "sharpness": round(float(np.median([s.sharpness for s in samples])), 2),
     }
@@ -287,7 +295,7 @@ def score_clip(decoded: Decoded, start: int, end: int, scorers: Scorers, seconds
     seconds["hash"] += time.perf_counter() - clock
     if scorers.text is not None:
         clock = time.perf_counter()
-        scores["text_area"] = round(text_area(scorers.text, ends), 5)
+        scores["text_area"] = round(max(scorers.text.area(f) for f in ends), 5)
         seconds["text area"] += time.perf_counter() - clock
     if scorers.aesthetic is not None:
         clock = time.perf_counter()
@@ -340,9 +348,9 @@ def analyse_image(item: InputItem, cfg: CurateConfig, scorers: Scorers) -> dict[
     height, width = full.shape[:2]
     frame = cv2.resize(full, scaled_size(width, height, cfg.analysis_size), interpolation=cv2.INTER_AREA)
     seconds: Counter = Counter({"decode": time.perf_counter() - clock})
-    sample = Sampled(0.0, brightness(frame), sharpness(frame), to_jpeg(frame))
-    scored = score_clip(Decoded(1.0, width, height, frame.shape[1], [0.0], np.zeros(1), {0: sample}, 0.0), 0, 1, scorers, seconds)
-    del scored["scores"]["motion"]  # a still has none; motion thresholds pass it
+    # No motion score (motion thresholds pass it); through JPEG as video samples go, so that a
+    # still video of the same picture hashes alike.
+    scored = still_scores([Sampled(0.0, brightness(frame), sharpness(frame), to_jpeg(frame))], scorers, seconds)
     clip = {"id": f"{item.index:06d}-000", "path": item.path, "kind": "image", "start_frame": 0, "end_frame": 1, "start_time": 0.0,
             "end_time": 0.0, "fps": 0.0, "width": width, "height": height, "frames": 1, "duration": 0.0, "scene": 0, **scored}
     if item.caption:

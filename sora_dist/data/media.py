@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import itertools
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 
+from sora_dist.data.clips import read_clip_list, read_still
 from sora_dist.errors import ConfigError
 
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".mkv", ".avi"}
@@ -54,19 +54,8 @@ CLIP_FIELDS = ("id", "scores", "start_frame", "end_frame")
 
 
 def _read_rows(manifest: Path) -> list[dict[str, Any]]:
-    if manifest.suffix == ".jsonl":
-        from sora_dist.data.clips import HEADER_KEY
-
-        rows = []
-        for number, line in enumerate(manifest.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ConfigError(f"{manifest} line {number} is not JSON ({err}): each line must be an object with path and caption") from err
-                if not (isinstance(row, dict) and HEADER_KEY in row):
-                    rows.append(row)
-        return rows
+    if manifest.suffix == ".jsonl":  # a plain list, or a clip list with its header
+        return read_clip_list(manifest)[1]
     with manifest.open(newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or "path" not in reader.fieldnames:
@@ -178,11 +167,10 @@ class Clip:
 
 
 def read_image(path: str, buckets: list[Bucket]) -> Clip:
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image).convert("RGB")  # .convert loads: truncation fails here
+        image = Image.fromarray(read_still(path))
     except FileNotFoundError:
         raise SkipInput("missing file", path) from None
     except Exception as err:  # noqa: BLE001 - Pillow raises many types for bad files

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -195,7 +194,3 @@ class AestheticScorer:
             if features.shape[-1] != self.head[0].in_features:
                 raise ConfigError(f"the aesthetic head takes {self.head[0].in_features} features; the CLIP model gives {features.shape[-1]}")
             return float(self.head(features.float()).mean())
-
-
-def text_area(detector: Optional[TextDetector], frames: list[np.ndarray]) -> Optional[float]:
-    return None if detector is None else max(detector.area(f) for f in frames)

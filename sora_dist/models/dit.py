@@ -406,7 +406,6 @@ class VideoDiT(nn.Module):
             self.init_weights()
 
     @torch.no_grad()
-    @torch.no_grad()
     def set_empty_caption(self, states: torch.Tensor) -> None:
         """The text encoder's (L, D) states for the empty prompt: what a dropped caption, and the
         unconditional half of guidance, become under padded text context."""
@@ -415,6 +414,7 @@ class VideoDiT(nn.Module):
         self.empty_caption.zero_()
         self.empty_caption[: states.shape[0]].copy_(states)
 
+    @torch.no_grad()
     def init_weights(self) -> None:
         """DiT's initialization; also materializes a model built on the meta device."""
         for name, module in self.named_modules():
