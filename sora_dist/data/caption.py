@@ -119,10 +119,12 @@ class CaptionConfig:
 
 
 class ClipFrames:
-    """A map-style dataset over clips: (position, frames or None, reason, decode seconds)."""
+    """A map-style dataset over the clips at ``positions`` (every clip by default): item i is
+    (position, frames or None, reason, decode seconds)."""
 
-    def __init__(self, clips: list[dict[str, Any]], frames: int, size: int, fps: float = 0.0):
+    def __init__(self, clips: list[dict[str, Any]], frames: int, size: int, fps: float = 0.0, positions: list[int] | None = None):
         self.clips, self.frames, self.size, self.fps = clips, frames, size, fps
+        self.positions = list(range(len(clips))) if positions is None else positions
 
     def count(self, clip: dict[str, Any]) -> int:
         duration = clip.get("duration")
@@ -131,9 +133,10 @@ class ClipFrames:
         return max(1, min(self.frames, round(duration * self.fps)))
 
     def __len__(self) -> int:
-        return len(self.clips)
+        return len(self.positions)
 
-    def __getitem__(self, position: int):
+    def __getitem__(self, index: int):
+        position = self.positions[index]
         clip = self.clips[position]
         start = time.perf_counter()
         try:
@@ -153,6 +156,26 @@ def uncollated(batch: list) -> list:
     return batch
 
 
+def frame_loader(frames: ClipFrames, batch_size: int, workers: int):
+    """Batches of ``frames`` items, decoded in ``workers`` processes (none: in this one).
+
+    The workers start from a fork server, not as forks of this process: PyAV's scaler keeps a
+    thread pool that a forked child inherits without its threads, so a child of a process that
+    has already decoded video (curate and caption in one program, a benchmark, a test) hangs on
+    its first frame. The server imports this module once; each worker forks from it.
+    """
+    import multiprocessing
+
+    import torch.utils.data
+
+    context = None
+    if workers:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+    return torch.utils.data.DataLoader(frames, batch_size=batch_size, num_workers=workers, collate_fn=uncollated,
+                                       prefetch_factor=2 if workers else None, multiprocessing_context=context)
+
+
 def _chunk_path(state: Path, chunk: int) -> Path:
     return state / f"chunk-{chunk:06d}.json"
 
@@ -166,15 +189,10 @@ class Captioner:
                              concurrency=cfg.concurrency, api_key_env=cfg.api_key_env, endpoint_model=cfg.endpoint_model)
 
     def run(self, chunks: list[int], state: Path, rank: int) -> None:
-        import torch.utils.data
-
         cfg = self.cfg
         positions = [p for c in chunks for p in range(c * cfg.chunk_size, min((c + 1) * cfg.chunk_size, len(self.clips)))]
         batch = cfg.concurrency if is_url(cfg.model) else cfg.batch_size
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(ClipFrames(self.clips, cfg.frames, cfg.frame_size, cfg.fps), positions), batch_size=batch,
-            num_workers=cfg.workers, collate_fn=uncollated, prefetch_factor=2 if cfg.workers else None,
-        )
+        loader = frame_loader(ClipFrames(self.clips, cfg.frames, cfg.frame_size, cfg.fps, positions), batch, cfg.workers)
         pending: dict[int, dict[str, Any]] = {c: {"chunk": c, "captions": {}, "failed": {}, "seconds": {"decode": 0.0, "wait": 0.0, "model": 0.0}} for c in chunks}
         progress = Progress(f"caption (rank {rank})", len(positions), "clips")
         done, waited, generating = 0, 0.0, 0.0

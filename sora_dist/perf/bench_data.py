@@ -58,15 +58,13 @@ def bench_curate(inputs: list[str], runs: int, workdir: Path) -> tuple[dict[str,
 
 
 def bench_frames(clips: Path, workers: int, frames: int, size: int, runs: int) -> dict[str, Any]:
-    import torch.utils.data
-
-    from sora_dist.data.caption import ClipFrames, uncollated
+    from sora_dist.data.caption import ClipFrames, frame_loader
     from sora_dist.data.clips import read_clip_list
 
     rows = read_clip_list(clips)[1]
     rates = []
     for _ in range(runs):
-        loader = torch.utils.data.DataLoader(ClipFrames(rows, frames, size), batch_size=4, num_workers=workers, collate_fn=uncollated)
+        loader = frame_loader(ClipFrames(rows, frames, size), 4, workers)
         start = time.perf_counter()
         count = sum(len(batch) for batch in loader)
         rates.append(count / (time.perf_counter() - start))
