@@ -304,6 +304,7 @@ def measure(ctx: Context, code: Optional[int], injected: Optional[float], refere
         "noticed_s": None if noticed is None else round(noticed - injected, 2),
         "recovered_s": None if recovered is None or injected is None else round(recovered - injected, 2),
         "restarts": len(attempts) - 1, "steps_lost": max(redone.values(), default=0),
+        "resumed_from": [a["resumed_from_step"] for a in attempts[1:]],
         "epoch0_once": len(coverage["once"]), "epoch0_repeated": len(coverage["repeated"]), "epoch0_never": len(coverage["never"]),
         "final_loss": loss, "loss_vs_reference": None if loss is None or not reference_loss else round(loss / reference_loss - 1, 4),
         "finished": code == 0 and bool(attempts) and attempts[-1]["last_step"] == (NODE_STEPS if ctx.fault == "kill-node" else STEPS),
