@@ -2,9 +2,6 @@
 the mask strategy, the given frames held exactly, seeds, clear errors for bad input, and
 ``torchrun -m sora_dist.sample`` with CFG-parallel equal to one process."""
 
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,6 +10,7 @@ from sora_dist.cli import main
 from sora_dist.data.synthetic import render
 from tests.test_train import short_config
 from sora_dist import trainer
+from warm_ranks import run_ranks
 
 PROMPT = "a large red blob moving right"
 
@@ -137,9 +135,7 @@ def test_torchrun_cfg_parallel_sample_equals_one_process(run, tmp_path):
     args = ["--from", str(run), "--prompt", "a small blue blob moving left", "--samples", "2", "--frames", "2", "--seed", "3",
             "--diffusion.sample_steps=3", "--guidance", "2.0"]
     assert main(["sample", *args, "--out", str(tmp_path / "one")]) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "sora_dist.sample", *args,
-           "--out", str(tmp_path / "two"), "--cfg-parallel"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_ranks(2, ["-m", "sora_dist.sample", *args, "--out", str(tmp_path / "two"), "--cfg-parallel"], timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     one, two = (np.load(tmp_path / name / "latents.npy") for name in ("one", "two"))
     np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-5)

@@ -4,7 +4,6 @@ The captions are meaningless; checked are the batching, the frames each clip sen
 score words, failures, resumption, the records and two ranks against one."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from sora_dist.data.caption import CaptionConfig, clean_caption, run_caption, sc
 from sora_dist.data.clips import read_clip_list, write_clip_list
 from sora_dist.data.curate import CurateConfig, run_curate
 from sora_dist.errors import ConfigError, DataError
+from warm_ranks import run_ranks
 
 REPLY = "The video shows a red square moving right on a dark background."
 
@@ -118,10 +118,9 @@ def test_bad_clips_are_reported_and_bad_models_stop_before_any_work(clips, tmp_p
 def test_two_ranks_write_the_same_list_as_one(clips, tmp_path):
     with StandInServer(lambda body: f"The video shows {len(body['messages'][1]['content']) - 1} frames.") as server:
         one = caption(clips, tmp_path / "one.jsonl", server.url)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "sora_dist.cli", "caption",
-               str(clips), "--out", str(tmp_path / "two.jsonl"), "--model", server.url, "--frames", "3", "--frame-size", "64",
-               "--chunk-size", "2", "--workers", "1", "--max-new-tokens", "6", "--score-words", "motion"]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        result = run_ranks(2, ["-m", "sora_dist.cli", "caption", str(clips), "--out", str(tmp_path / "two.jsonl"), "--model", server.url,
+                               "--frames", "3", "--frame-size", "64", "--chunk-size", "2", "--workers", "1", "--max-new-tokens", "6",
+                               "--score-words", "motion"], timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert one["captioned"] == 7 and len(server.requests) == 14
     assert read_clip_list(tmp_path / "two.jsonl")[1] == read_clip_list(tmp_path / "one.jsonl")[1]

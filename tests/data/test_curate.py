@@ -3,10 +3,7 @@ moving at known speeds, rendered text, a re-encoded duplicate, and broken files.
 outside: the clip list, the report and the per-file records."""
 
 import json
-import os
 import random
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +16,7 @@ from sora_dist.data.clips import read_clip_list, read_span
 from sora_dist.data.curate import CurateConfig, run_curate
 from sora_dist.data.scores import find_cuts, hash_distance, near_duplicates
 from sora_dist.errors import ConfigError
+from warm_ranks import run_ranks
 
 CUT_LENGTHS = [40, 56, 48]  # cuts at frames 40 and 96
 SPEEDS = [0.5, 1.0, 2.0, 4.0]
@@ -202,9 +200,8 @@ def test_an_interrupted_job_resumes_without_redoing_files(raw, curated, tmp_path
 
 def test_three_ranks_write_the_same_list_as_one(raw, curated, tmp_path):
     out = tmp_path / "clips.jsonl"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3", "-m", "sora_dist.cli", "curate",
-           str(raw), "--out", str(out), "--min-seconds", "1", "--write-clips", str(tmp_path / "clips")]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_ranks(3, ["-m", "sora_dist.cli", "curate", str(raw), "--out", str(out), "--min-seconds", "1", "--write-clips",
+                           str(tmp_path / "clips")], timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = read_clip_list(out)[1]
     assert [{k: v for k, v in r.items() if k != "clip_path"} for r in rows] == read_clip_list(curated[0])[1]

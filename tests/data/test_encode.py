@@ -5,9 +5,6 @@ too-short and caption-less ones; encoding on 1 and 2 ranks, resuming, decoding, 
 the result."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import av
@@ -22,6 +19,7 @@ from sora_dist.data.encode import REPORT_NAME, EncodeConfig, run_encode
 from sora_dist.data.encoders import VideoVAE
 from sora_dist.data.media import Bucket, SkipInput, check_buckets, choose_bucket, list_inputs
 from sora_dist.errors import ConfigError
+from warm_ranks import run_ranks
 
 BUCKETS = ["1x32x32", "1x32x48", "1x48x32", "9x32x32", "9x32x48", "9x48x32"]
 
@@ -187,10 +185,9 @@ def test_restart_skips_finished_chunks(inputs, models, tmp_path):
 
 def test_two_ranks_write_the_same_dataset_and_it_trains(inputs, models, encoded, tmp_path):
     out = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "sora_dist.cli", "encode",
-           "--input", str(inputs), "--out", str(out), "--vae", str(models / "image_vae"), "--text-encoder", str(models / "t5"),
-           "--buckets", *BUCKETS, "--fps", "12", "--samples-per-shard", "4", "--batch-size", "3", "--device", "cpu"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_ranks(2, ["-m", "sora_dist.cli", "encode", "--input", str(inputs), "--out", str(out), "--vae", str(models / "image_vae"),
+                           "--text-encoder", str(models / "t5"), "--buckets", *BUCKETS, "--fps", "12", "--samples-per-shard", "4",
+                           "--batch-size", "3", "--device", "cpu"], timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"kept {len(GOOD)}, skipped {len(BAD)}" in result.stderr
     one, two = samples_by_source(encoded[0]), samples_by_source(out)

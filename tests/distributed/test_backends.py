@@ -2,14 +2,13 @@
 the data position: the device layer asks for the accelerator's backend *and* gloo for the CPU.
 Reproduced on CPU by letting gloo stand in for nccl on the cuda device type."""
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from sora_dist.device import COMM_BACKENDS, Device
+from warm_ranks import run_ranks
 
 WORKER = Path(__file__).with_name("backend_worker.py")
 
@@ -23,8 +22,7 @@ def emulated(backend: str) -> str:
 
 
 def run_worker(backend: str, data_dir) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER), backend, str(data_dir)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return run_ranks(2, [str(WORKER), backend, str(data_dir)], timeout=120)
 
 
 @pytest.mark.parametrize("kind, expected", [("cuda", "cpu:gloo,cuda:nccl"), ("npu", "cpu:gloo,npu:hccl"), ("cpu", "gloo")])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from warm_ranks import run_ranks
 
 WORKER = Path(__file__).with_name("reshard_worker.py")
 
@@ -22,8 +23,11 @@ def overrides(data_dir, out_dir):
 
 
 def worker(nproc, mode, out, args, expect_ok=True):
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-    result = subprocess.run([*launcher, str(WORKER), mode, str(out), *args], capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if nproc == 1:
+        result = subprocess.run([sys.executable, str(WORKER), mode, str(out), *args], capture_output=True, text=True, timeout=600,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    else:
+        result = run_ranks(nproc, [str(WORKER), mode, str(out), *args], timeout=600)
     if expect_ok:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result

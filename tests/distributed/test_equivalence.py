@@ -4,8 +4,6 @@ parameters after both steps, on gloo with 2 and 4 ranks. One torchrun per world 
 layouts (equivalence_worker.py); each test reads its layout's result."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,13 +12,13 @@ import pytest
 WORKER = Path(__file__).with_name("equivalence_worker.py")
 sys.path.insert(0, str(WORKER.parent))
 from equivalence_worker import BATCHES, LAYOUTS  # noqa: E402
+from warm_ranks import run_ranks
 
 TOLERANCE = 1e-4  # fp32: observed errors are ~1e-6; a real mistake is >1e-3
 
 
 def run_world(world_size: int, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world_size), str(WORKER), str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_ranks(world_size, [str(WORKER), str(out)], timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads(out.read_text())
 

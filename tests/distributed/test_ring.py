@@ -2,8 +2,6 @@
 single-process attention over the full sequence: output and dq/dk/dv (zero on padding)."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import pytest
 WORKER = Path(__file__).with_name("ring_worker.py")
 sys.path.insert(0, str(WORKER.parent))
 from ring_worker import BACKENDS, TOKENS  # noqa: E402
+from warm_ranks import run_ranks
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 0.1}  # bf16 holds ~3 significant digits
 
@@ -21,8 +20,7 @@ _RESULTS: dict[int, dict] = {}
 def results_for(world_size: int, tmp_path_factory) -> dict:
     if world_size not in _RESULTS:
         out = tmp_path_factory.mktemp(f"ring{world_size}") / "results.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world_size), str(WORKER), str(out)]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        result = run_ranks(world_size, [str(WORKER), str(out)], timeout=600)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         _RESULTS[world_size] = json.loads(out.read_text())
     return _RESULTS[world_size]

@@ -2,7 +2,6 @@
 ranks (sample_worker.py). tests/test_sample.py runs ``torchrun -m sora_dist.sample`` end to end."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,14 +11,14 @@ import pytest
 WORKER = Path(__file__).with_name("sample_worker.py")
 sys.path.insert(0, str(WORKER.parent))
 from sample_worker import LAYOUTS  # noqa: E402
+from warm_ranks import run_ranks
 
 TOLERANCE = 1e-4  # fp32; a wrong split or a swapped guidance half is off by > 1e-2
 _RESULTS: dict[int, dict] = {}
 
 
 def torchrun(world_size: int, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world_size), *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_ranks(world_size, list(args), timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from sora_dist.config import load_config
 from sora_dist.build import build_single_device_model
+from warm_ranks import run_ranks
 
 REPO = Path(__file__).parents[2]
 STEPS = 5
@@ -33,8 +34,11 @@ def run(args, nproc, timeout=300):
     if nproc == 1:
         cmd = [sys.executable, "-m", "sora_dist.cli", "train", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "sora_dist.train", *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return _ok(run_ranks(nproc, ["-m", "sora_dist.train", *args], timeout=timeout))
+    return _ok(subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+
+
+def _ok(result):
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 

@@ -3,10 +3,7 @@ ranks (each rank reading its slices), fine-tuned until the loss falls, resumed o
 exported; diffusers loads the export and computes what our model computes."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +17,14 @@ from sora_dist.checkpoint import load_weights_for_export, newest_complete  # noq
 from sora_dist.cli import main  # noqa: E402
 from sora_dist.config import load_config  # noqa: E402
 from wan_reference import difference_from_diffusers, make_wan, save_wan  # noqa: E402
+from warm_ranks import run_ranks
 
 REPO = Path(__file__).parents[2]
 EMPTY_PROMPT = np.random.default_rng(1).standard_normal((2, 32)).astype(np.float16)
 
 
 def train(nproc: int, args: list[str]) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "sora_dist.train", *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_ranks(nproc, ["-m", "sora_dist.train", *args], timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
 
 

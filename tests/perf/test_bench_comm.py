@@ -2,15 +2,13 @@
 under torchrun on 2 and 4 gloo ranks."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from sora_dist.perf.bench_comm import bus_factor, message_sizes, parse_bytes
+from warm_ranks import run_ranks
 
 SKEW_WORKER = Path(__file__).with_name("skew_worker.py")
 
@@ -33,9 +31,8 @@ def test_sizes_climb_by_four_from_1k_and_parse_human_units():
 
 def run_bench(tmp_path, nproc: int, layout: list[str]) -> dict:
     out = tmp_path / f"comm{nproc}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "sora_dist.perf.bench_comm", "--max-bytes", "16K", "--iters", "2", "--warmup", "1", "--skew-bursts-ms", "5", "10", "--skew-rounds", "1", "--json", str(out), *layout]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_ranks(nproc, ["-m", "sora_dist.perf.bench_comm", "--max-bytes", "16K", "--iters", "2", "--warmup", "1", "--skew-bursts-ms", "5", "10",
+                               "--skew-rounds", "1", "--json", str(out), *layout], timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "busbw" in result.stdout and "rank skew" in result.stdout  # the table
     return json.loads(out.read_text())
@@ -70,8 +67,7 @@ def test_rank_skew_is_the_delay_a_late_rank_adds_to_every_burst(tmp_path, extra_
     # rank is late at half the bursts), so the delay is 20 ms. Rank 1 late every time: it needs
     # 50 ms a burst either way, so the delay is 0; that is a slow rank, not skew. Either way the
     # rank on time waits 40 ms at every burst and the other none, a mean wait of 20 ms.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(SKEW_WORKER), str(tmp_path / "skew"), str(extra_ms), late]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_ranks(2, [str(SKEW_WORKER), str(tmp_path / "skew"), str(extra_ms), late], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     measured = json.loads((tmp_path / "skew.json").read_text())
     assert measured["delay_ms"] == pytest.approx(delay_ms, abs=6.0)
@@ -82,10 +78,8 @@ def test_the_ulysses_wait_probe_times_every_all_to_all_of_a_step_on_every_rank()
     # A 1-block model: 4 all-to-alls in the self-attention's forward (q, k, v in, output back) and
     # 4 in its backward, as the performance model counts them.
     probe = Path(__file__).resolve().parents[2] / "scripts" / "probe_ulysses_waits.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(probe), "--preset", "debug",
-           "--model.hidden_size=64", "--model.depth=1", "--model.num_heads=4", "--latent", "2", "8", "8", "--batch", "2",
-           "--steps", "2", "--warmup", "1", "--parallel.sp_ulysses=2"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run_ranks(2, [str(probe), "--preset", "debug", "--model.hidden_size=64", "--model.depth=1", "--model.num_heads=4", "--latent", "2", "8", "8",
+                           "--batch", "2", "--steps", "2", "--warmup", "1", "--parallel.sp_ulysses=2"], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     # Each rank's report is one write, though it may land inside a line rank 0's table is printing.
     reports = re.findall(r"rank (\d): (\d+) all-to-alls a step; per all-to-all: waiting for the peers median [\d.]+ ms", result.stdout)

@@ -3,8 +3,6 @@ what FSDP2 / TP / DDP leave on each gloo rank exactly; saved activations are wit
 saved-tensor accounting; each rank's matmul FLOPs are what torch counts; layouts are the trainer's; the planner ranks, projects and refuses."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from sora_dist.perf.plan import main as plan_main
 
 sys.path.insert(0, str(Path(__file__).parent))
 from memory_worker import IN_CHANNELS, LATENT, MODEL, TEXT_DIM, TEXT_LEN, saved_activation_bytes  # noqa: E402
+from warm_ranks import run_ranks
 
 WORKER = Path(__file__).with_name("memory_worker.py")
 SMALL = resolve_model_config(ModelConfig(**{arg.split("=")[0].split(".")[1]: int(arg.split("=")[1]) for arg in MODEL}), IN_CHANNELS, TEXT_DIM)
@@ -34,8 +33,7 @@ def reports_for(tmp_path_factory, nproc: int, overrides: list[str]) -> list[dict
     if nproc not in _REPORTS:
         out = tmp_path_factory.mktemp(f"mem{nproc}") / "reports.json"
         layouts = [",".join(o) for n, o in LAYOUTS if n == nproc]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), str(WORKER), str(out), *layouts]
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        result = run_ranks(nproc, [str(WORKER), str(out), *layouts], timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         _REPORTS[nproc] = json.loads(out.read_text())
     return _REPORTS[nproc][",".join(overrides)]

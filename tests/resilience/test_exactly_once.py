@@ -1,7 +1,8 @@
 """Exactly-once across sequences of kills and resumes, checked from outside the loader.
 
-Each launch trains the real trainer under torchrun with the sample ledger on; the test SIGKILLs its
-whole process tree from here once the ledger shows a chosen step (mid-interval, or at a
+Each launch trains the real trainer on warm ranks (tests/warm_ranks.py: torchrun's environment,
+without its agent) with the sample ledger on; the test SIGKILLs every rank from here once the
+ledger shows a chosen step (mid-interval, or at a
 checkpoint's step, before or after it is saved), then relaunches on another layout or engine, or
 on the same one (an exact replay). The last launch trains past the end of the epoch. The run's own
 records then say which samples the kept steps trained: every sample of the epoch exactly once,
@@ -9,9 +10,6 @@ and the final checkpoint's data position agrees.
 """
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import pytest
 from sora_dist.checkpoint import newest_complete
 from sora_dist.checkpoint.state import decode_data_state
 from sora_dist.resilience.audit import epoch_coverage, kept_samples, last_step
-from sora_dist.resilience.jobs import kill_tree
+from warm_ranks import Ranks
 
 REPO = Path(__file__).parents[2]
 EVERY = 4
@@ -51,18 +49,19 @@ def train_args(data_dir, out_dir, steps, layout, workers):
 
 
 def launch(nproc, args, kill_at, out, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "sora_dist.train", *args]
+    """One job of the sequence; SIGKILL of every rank once the ledger reaches ``kill_at`` (None)."""
     log = open(out / f"launch-{len(list(out.glob('launch-*.log')))}.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    job = Ranks(nproc, ["-m", "sora_dist.train", *args], [(log, log)] * nproc)
     deadline = time.monotonic() + timeout
-    while proc.poll() is None and time.monotonic() < deadline:
+    while (code := job.poll()) is None and time.monotonic() < deadline:
         if kill_at is not None and last_step(out) >= kill_at:
-            kill_tree(proc)
+            job.kill()
             return None
         time.sleep(0.05)
-    if proc.poll() is None:
-        kill_tree(proc)
-    return proc.returncode
+    if code is None:
+        job.kill()
+        return "timed out"
+    return code
 
 
 @pytest.mark.parametrize("name", SEQUENCES)
