@@ -20,6 +20,7 @@ from sora_dist.resilience.stragglers import find_stragglers
 from sora_dist.resilience.watchdog import HANG_EXIT_CODE, HangAlarm, StepWatchdog
 
 import torch
+from warm_ranks import run_ranks
 
 REPO = Path(__file__).parents[2]
 WORKER = Path(__file__).with_name("fault_worker.py")
@@ -34,7 +35,11 @@ def train_args(data_dir, out_dir, steps, *extra):
     ]
 
 
-def launch(nproc, fault, params, args, timeout=240):
+def launch(nproc, fault, params, args, timeout=240, torchrun=False):
+    """The fault worker on ``nproc`` ranks: warm ranks, or under torchrun where the test reads what
+    torchrun's agent reports (a worker's exit code) or the hang alarm that travels through its store."""
+    if not torchrun:
+        return run_ranks(nproc, [str(WORKER), fault, *params, "--", *args], timeout=timeout)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "--max-restarts", "0",
            str(WORKER), fault, *params, "--", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -42,7 +47,7 @@ def launch(nproc, fault, params, args, timeout=240):
 
 def test_a_stalled_rank_makes_every_rank_dump_its_stacks_and_exit(synthetic_dir, tmp_path):
     args = train_args(synthetic_dir, tmp_path, 30, "--logging.log_every=5", "--fault.step_timeout_factor=4", "--fault.step_timeout_min_s=3")
-    result = launch(2, "stall", ["1", "9"], args)
+    result = launch(2, "stall", ["1", "9"], args, torchrun=True)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert f"exitcode: {HANG_EXIT_CODE}" in output
@@ -61,7 +66,7 @@ def test_a_rank_that_stalls_in_a_save_is_caught_too(synthetic_dir, tmp_path):
     has its own limit (10x the median save, at least step_timeout_min_s), from the second save on."""
     args = train_args(synthetic_dir, tmp_path, 30, "--logging.log_every=5", "--fault.step_timeout_factor=10", "--fault.step_timeout_min_s=3",
                       "--checkpoint.every_steps=3")
-    result = launch(2, "stall-save", ["1", "6"], args)
+    result = launch(2, "stall-save", ["1", "6"], args, torchrun=True)
     output = result.stdout + result.stderr
     assert result.returncode != 0 and f"exitcode: {HANG_EXIT_CODE}" in output
     assert "step watchdog: rank 1 on host" in output and "step watchdog: rank 0 on host" in output
@@ -73,7 +78,7 @@ def test_a_rank_whose_limit_is_not_reached_reports_on_the_alarm_of_the_stalled_o
     """Rank 0 waits in a collective with no limit of its own: rank 1's watchdog raises the job's
     alarm, and rank 0 writes its stacks from where it waits before either exits."""
     args = train_args(synthetic_dir, tmp_path, 30, "--logging.log_every=5", "--fault.step_timeout_factor=4", "--fault.step_timeout_min_s=3")
-    result = launch(2, "stall-alarm", ["1", "9"], args)
+    result = launch(2, "stall-alarm", ["1", "9"], args, torchrun=True)
     output = result.stdout + result.stderr
     assert result.returncode != 0 and f"exitcode: {HANG_EXIT_CODE}" in output
     told = next(line for line in output.splitlines() if "step watchdog: rank 0 on host" in line)
