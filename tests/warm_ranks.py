@@ -20,6 +20,7 @@ import atexit
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +28,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from sora_dist.resilience.jobs import free_port
 
 PRELOAD = ("torch", "torch.distributed", "torch.distributed.tensor", "torch.distributed.fsdp", "torch._dynamo", "sora_dist.cli",
            "sora_dist.train", "sora_dist.sample")
@@ -188,12 +191,6 @@ def launcher() -> Launcher:
     return _LAUNCHER
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rank_env(env: dict[str, str], rank: int, world_size: int, port: int) -> dict[str, str]:
     """What torchrun --standalone puts in a rank's environment (without an agent store)."""
     ranks = dict(RANK=rank, LOCAL_RANK=rank, GROUP_RANK=0, ROLE_RANK=rank, WORLD_SIZE=world_size, LOCAL_WORLD_SIZE=world_size,
@@ -252,6 +249,7 @@ def run_ranks(nproc: int, argv: list[str], env: dict[str, str] | None = None, ti
             job.signal(signal.SIGKILL)
         time.sleep(0.02)
     stdout, stderr = ("".join(_read(pair[i]) for pair in streams) for i in (0, 1))
+    shutil.rmtree(folder)
     if timed_out:
         raise subprocess.TimeoutExpired(argv, timeout, stdout, stderr)
     return subprocess.CompletedProcess(argv, code, stdout, stderr)
@@ -262,6 +260,7 @@ def _read(file) -> str:
     text = file.read()
     file.close()
     return text
+
 
 if __name__ == "__main__":
     serve(sys.argv[1])
