@@ -162,6 +162,15 @@ def build_stack(cfg: Config, dev: device_lib.Device, model_cfg: DiTConfig, world
     return TrainingStack(dev, dims, mesh, model_cfg, model, optimizer, scheduler, engine, dtype)
 
 
+def refuse_image_conditioning(image_dim, command: str) -> None:
+    """One line for a model that reads CLIP image tokens (Wan 2.1 I2V, FLF2V): the data pipeline
+    and the samplers do not provide them yet."""
+    if image_dim is not None:
+        raise ConfigError(f"{command}: this model reads CLIP image tokens (Wan 2.1 I2V / FLF2V), which sora_dist's data and samplers "
+                          "do not provide yet; it imports, exports, plans and benchmarks (bench-train). For image-to-video "
+                          "fine-tuning and sampling use wan2.2-ti2v-5b (the first frame given at timestep 0)")
+
+
 def build_single_device_model(cfg: Config, in_channels: int, text_dim: int, torch_device: torch.device) -> VideoDiT:
     """A single-device model for the config: built on meta, then materialized and initialized."""
     return single_model(cfg, resolve_model_config(cfg.model, in_channels, text_dim), torch_device)

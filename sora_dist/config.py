@@ -26,7 +26,7 @@ class ModelConfig:
     preset: str = "debug"
     """Named model from ``sora_dist.models.PRESETS``: sizes of our DiT (debug, S, B, L, XL, 1B, 3B,
     7B), or a published Wan model's whole architecture (wan2.1-t2v-1.3b, wan2.1-t2v-14b,
-    wan2.2-ti2v-5b, wan2.2-t2v-a14b; docs/wan.md)."""
+    wan2.1-i2v-14b, wan2.1-flf2v-14b, wan2.2-ti2v-5b, wan2.2-t2v-a14b; docs/wan.md)."""
     hidden_size: Optional[int] = None
     """Transformer width; None takes the preset's."""
     depth: Optional[int] = None
@@ -405,6 +405,10 @@ def resolve_model_config(cfg: ModelConfig, in_channels: int, text_dim: int) -> D
         modulation=pick("modulation", "per_block"),
         text_context=pick("text_context", "masked"),
         text_len=pick("text_len", 512),
+        # image conditioning (Wan 2.1 I2V, FLF2V) is a preset's architecture, not a setting
+        out_channels=preset.get("out_channels"),
+        image_dim=preset.get("image_dim"),
+        image_len=preset.get("image_len"),
     )
 
 

@@ -165,13 +165,14 @@ WAN_SAMPLING = ["--diffusion.objective=flow", "--diffusion.shift=5.0", "--diffus
 def load_pipeline(root: Path, dev, overrides: list[str]) -> tuple[Config, VideoDiT, Manifest, str]:
     """A diffusers Wan pipeline folder as if it were a run: its transformer imported, its VAE and
     text encoder named in a manifest, and the empty prompt's states in the model for guidance."""
-    from sora_dist.build import build_single_device_model
+    from sora_dist.build import build_single_device_model, refuse_image_conditioning
     from sora_dist.data.encoders import TextEncoder, VideoVAE
     from sora_dist.interop.load import load_wan
     from sora_dist.interop.wan import TEXT_LEN, read_config, wan_model_options
 
     options = wan_model_options(read_config(root / "transformer")[0])
-    model_overrides = [f"--model.{key}={list(value) if isinstance(value, tuple) else value}" for key, value in options.items()]
+    refuse_image_conditioning(options["image_dim"], "sample")
+    model_overrides = [f"--model.{key}={list(value) if isinstance(value, tuple) else value}" for key, value in options.items() if value is not None]
     cfg = load_config(None, [*model_overrides, *WAN_SAMPLING, *overrides])
     model = build_single_device_model(cfg, options["in_channels"], options["text_dim"], torch.device("cpu"))
     load_wan(model, root)

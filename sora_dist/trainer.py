@@ -27,9 +27,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.tensor import DTensor
 
 from sora_dist import device as device_lib
-from sora_dist.build import build_stack, single_model, start_distributed
+from sora_dist.build import build_stack, refuse_image_conditioning, single_model, start_distributed
 from sora_dist.checkpoint import CheckpointManager, TrainState, checkpoint_dir, gather_to_rank0, saves_enabled
-from sora_dist.config import Config, resolve_model_config, save_config
+from sora_dist.config import Config, preset_sizes, resolve_model_config, save_config
 from sora_dist.data import Batch, LatentLoader, make_synthetic, read_manifest
 from sora_dist.diffusion import build_objective
 from sora_dist.errors import ConfigError, TrainingError
@@ -148,6 +148,7 @@ def build_run(cfg: Config, dev, world_size: int, rank: int) -> tuple[Run, object
     Folders that cannot be written, a layout the world size no longer allows, a checkpoint that
     would not fit on disk and unhealthy ranks or links all stop the run here, before the first step."""
     distributed = world_size > 1
+    refuse_image_conditioning(preset_sizes(cfg.model.preset).get("image_dim"), "train")  # image conditioning is a preset's
     out_dir = Path(cfg.train.out_dir)
     if rank == 0 and (warning := shared_store_warning()):
         log.warning(warning)

@@ -1,10 +1,12 @@
-"""Wan 2.x text-to-video transformers (diffusers' ``WanTransformer3DModel`` folders) in and out of
+"""Wan 2.x transformers (diffusers' ``WanTransformer3DModel`` folders: text-to-video, TI2V, and
+Wan 2.1's image-to-video and first-last-frame models with CLIP image tokens) in and out of
 ``VideoDiT``, exactly.
 
 The model expresses Wan with options (``wan_model_options``); what remains is a map of tensor
 names and three layout changes, each exact:
 - the patch embedding is a Conv3d, (D, C, p_t, p_h, p_w): the same numbers as our (D, C*p_t*p_h*p_w);
-- the output projection's rows are ordered (p_t, p_h, p_w, c), ours (c, p_t, p_h, p_w);
+- the output projection's rows are ordered (p_t, p_h, p_w, c), ours (c, p_t, p_h, p_w), c the
+  predicted channels (16 of an I2V model's 36 input channels);
 - Wan rotates interleaved channel pairs (2i, 2i+1) of each head, our kernels the halves (i, i+Dh/2)
   with the same angle i. Permuting every head's query and key rows (and their QK-norm weights)
   the same way at load turns one into the other, and leaves q.k and the all-heads RMS unchanged;
@@ -71,6 +73,13 @@ ORIGINAL_NAMES = [  # (original name pattern, diffusers name), applied in order,
     (r"(blocks\.\d+)\.self_attn\.o\.", r"\1.attn1.to_out.0."),
     (r"(blocks\.\d+)\.self_attn\.([qkv])\.", r"\1.attn1.to_\2."),
     (r"(blocks\.\d+)\.self_attn\.", r"\1.attn1."),
+    (r"img_emb\.proj\.0\.", "condition_embedder.image_embedder.norm1."),
+    (r"img_emb\.proj\.1\.", "condition_embedder.image_embedder.ff.net.0.proj."),
+    (r"img_emb\.proj\.3\.", "condition_embedder.image_embedder.ff.net.2."),
+    (r"img_emb\.proj\.4\.", "condition_embedder.image_embedder.norm2."),
+    (r"img_emb\.emb_pos$", "condition_embedder.image_embedder.pos_embed"),
+    (r"(blocks\.\d+)\.cross_attn\.([kv])_img\.", r"\1.attn2.add_\2_proj."),
+    (r"(blocks\.\d+)\.cross_attn\.norm_k_img\.", r"\1.attn2.norm_added_k."),
     (r"(blocks\.\d+)\.cross_attn\.o\.", r"\1.attn2.to_out.0."),
     (r"(blocks\.\d+)\.cross_attn\.([qkv])\.", r"\1.attn2.to_\2."),
     (r"(blocks\.\d+)\.cross_attn\.", r"\1.attn2."),
@@ -91,11 +100,22 @@ def diffusers_name(original: str) -> str:
     return name
 
 
+CLIP_IMAGE_DIM = 1280
+"""Width of the CLIP ViT-H/14 image tokens Wan 2.1's I2V and FLF2V models read (fixed in the original code)."""
+CLIP_IMAGE_TOKENS = 257
+"""Tokens per image (256 patches and the class token); FLF2V's position table covers two images."""
+
+
 def original_config(config: dict) -> dict:
-    """A diffusers config for an original Wan config.json (model_type t2v or ti2v)."""
-    if config.get("model_type", "t2v") not in ("t2v", "ti2v"):
-        raise SoraDistError(f"Wan model_type {config.get('model_type')!r}: only text-to-video (t2v, ti2v) models are supported yet")
-    return {"_class_name": DIFFUSERS_CLASS, "patch_size": config.get("patch_size", [1, 2, 2]),
+    """A diffusers config for an original Wan config.json (model_type t2v, ti2v, i2v or flf2v)."""
+    model_type = config.get("model_type", "t2v")
+    if model_type not in ("t2v", "ti2v", "i2v", "flf2v"):
+        raise SoraDistError(f"Wan model_type {model_type!r}: the supported ones are t2v, ti2v, i2v and flf2v")
+    dim = config["dim"]
+    image = {"image_dim": CLIP_IMAGE_DIM, "added_kv_proj_dim": dim} if model_type in ("i2v", "flf2v") else {}
+    if model_type == "flf2v":
+        image["pos_embed_seq_len"] = 2 * CLIP_IMAGE_TOKENS
+    return {**image, "_class_name": DIFFUSERS_CLASS, "patch_size": config.get("patch_size", [1, 2, 2]),
             "num_attention_heads": config["num_heads"], "attention_head_dim": config["dim"] // config["num_heads"],
             "in_channels": config["in_dim"], "out_channels": config["out_dim"], "text_dim": config["text_dim"],
             "freq_dim": config["freq_dim"], "ffn_dim": config["ffn_dim"], "num_layers": config["num_layers"],
@@ -122,25 +142,25 @@ def wan_model_options(config: dict) -> dict:
     """DiTConfig keyword arguments for a diffusers Wan transformer config; one line naming the key
     for what VideoDiT does not express yet."""
     get = lambda key, default=None: config.get(key, default)  # noqa: E731 - diffusers' defaults
+    heads, head_dim = get("num_attention_heads", 40), get("attention_head_dim", 128)
+    image_kv = heads * head_dim if get("image_dim") is not None else None
     unsupported = {
-        "image_dim": (get("image_dim"), None, "image-to-video variants with CLIP image tokens (Wan 2.1 I2V) are not supported yet"),
-        "added_kv_proj_dim": (get("added_kv_proj_dim"), None, "added image key/value projections are not supported yet"),
-        "pos_embed_seq_len": (get("pos_embed_seq_len"), None, "first-last-frame image position embeddings are not supported yet"),
+        "added_kv_proj_dim": (get("added_kv_proj_dim"), image_kv, "the image key/value projections read the embedded image tokens, "
+                              "as wide as the model, and exist exactly when image_dim is set"),
         "freq_dim": (get("freq_dim", 256), TIMESTEP_FREQ_DIM, f"VideoDiT's timestep features are {TIMESTEP_FREQ_DIM} wide"),
         "qk_norm": (get("qk_norm", QK_NORM), QK_NORM, f"only {QK_NORM} QK-norm is mapped"),
         "cross_attn_norm": (get("cross_attn_norm", True), True, "VideoDiT always normalizes before cross-attention"),
         "eps": (get("eps", EPS), EPS, f"VideoDiT's norms use eps {EPS}"),
-        "out_channels": (get("out_channels", 16), get("in_channels", 16), "VideoDiT predicts as many channels as it reads (in_channels)"),
     }
     for key, (value, wanted, why) in unsupported.items():
         if value != wanted:
             raise SoraDistError(f"Wan config {key}={value!r} (not {wanted!r}): {why}")
-    heads, head_dim = get("num_attention_heads", 40), get("attention_head_dim", 128)
     return {
         "in_channels": get("in_channels", 16), "text_dim": get("text_dim", 4096), "hidden_size": heads * head_dim,
         "depth": get("num_layers", 40), "num_heads": heads, "ffn_dim": get("ffn_dim", 13824),
         "patch_size": tuple(get("patch_size", (1, 2, 2))), "qk_norm": True, "qk_norm_scope": "all_heads",
         "modulation": "shared", "text_context": "padded", "text_len": TEXT_LEN,
+        "out_channels": None if get("out_channels", 16) == get("in_channels", 16) else get("out_channels", 16), "image_dim": get("image_dim"), "image_len": get("pos_embed_seq_len"),
     }
 
 
@@ -149,10 +169,11 @@ def diffusers_config(cfg: DiTConfig) -> dict:
     check_wan_layout(cfg)
     return {
         "_class_name": DIFFUSERS_CLASS, "patch_size": list(cfg.patch_size), "num_attention_heads": cfg.num_heads,
-        "attention_head_dim": cfg.head_dim, "in_channels": cfg.in_channels, "out_channels": cfg.in_channels,
+        "attention_head_dim": cfg.head_dim, "in_channels": cfg.in_channels, "out_channels": cfg.predicted_channels,
         "text_dim": cfg.text_dim, "freq_dim": TIMESTEP_FREQ_DIM, "ffn_dim": cfg.mlp_hidden, "num_layers": cfg.depth,
-        "cross_attn_norm": True, "qk_norm": QK_NORM, "eps": EPS, "image_dim": None, "added_kv_proj_dim": None,
-        "rope_max_seq_len": 1024, "pos_embed_seq_len": None,
+        "cross_attn_norm": True, "qk_norm": QK_NORM, "eps": EPS, "image_dim": cfg.image_dim,
+        "added_kv_proj_dim": cfg.hidden_size if cfg.image_dim is not None else None, "rope_max_seq_len": 1024,
+        "pos_embed_seq_len": cfg.image_len,
     }
 
 
@@ -181,7 +202,7 @@ def channels_last_to_first(channels: int, patch_volume: int) -> torch.Tensor:
 def tensor_maps(cfg: DiTConfig) -> list[TensorMap]:
     """Every tensor of a Wan-layout VideoDiT and where it comes from in a diffusers Wan folder."""
     check_wan_layout(cfg)
-    d, m, text, p_c = cfg.hidden_size, cfg.mlp_hidden, cfg.text_dim, cfg.patch_volume * cfg.in_channels
+    d, m, text, p_c = cfg.hidden_size, cfg.mlp_hidden, cfg.text_dim, cfg.patch_volume * cfg.predicted_channels
     rope = interleaved_to_halves(cfg.num_heads, cfg.head_dim)
 
     def linear(ours: str, theirs: str, n_out: int, n_in: int, rows=None) -> list[TensorMap]:
@@ -195,6 +216,7 @@ def tensor_maps(cfg: DiTConfig) -> list[TensorMap]:
         *linear("time_proj.1", "condition_embedder.time_proj", 6 * d, d),
         *linear("text_embedder.0", "condition_embedder.text_embedder.linear_1", d, text),
         *linear("text_embedder.2", "condition_embedder.text_embedder.linear_2", d, d),
+        *image_embedder_maps(cfg),
     ]
     for i in range(cfg.depth):
         ours, theirs = f"blocks.{i}", f"blocks.{i}"
@@ -205,12 +227,30 @@ def tensor_maps(cfg: DiTConfig) -> list[TensorMap]:
             maps += linear(f"{ours}.{attn}.proj", f"{theirs}.{wan_attn}.to_out.0", d, d)
             maps.append(TensorMap(f"{ours}.{attn}.q_norm.weight", f"{theirs}.{wan_attn}.norm_q.weight", (d,), rows))
             maps.append(TensorMap(f"{ours}.{attn}.k_norm.weight", f"{theirs}.{wan_attn}.norm_k.weight", (d,), rows))
+        if cfg.image_dim is not None:  # the image tokens' keys and values, in the cross-attention
+            maps += linear(f"{ours}.cross_attn.image_k", f"{theirs}.attn2.add_k_proj", d, d)
+            maps += linear(f"{ours}.cross_attn.image_v", f"{theirs}.attn2.add_v_proj", d, d)
+            maps.append(TensorMap(f"{ours}.cross_attn.image_k_norm.weight", f"{theirs}.attn2.norm_added_k.weight", (d,)))
         maps += [TensorMap(f"{ours}.norm2.weight", f"{theirs}.norm2.weight", (d,)), TensorMap(f"{ours}.norm2.bias", f"{theirs}.norm2.bias", (d,))]
         maps += linear(f"{ours}.mlp.fc1", f"{theirs}.ffn.net.0.proj", m, d)
         maps += linear(f"{ours}.mlp.fc2", f"{theirs}.ffn.net.2", d, m)
         maps.append(TensorMap(f"{ours}.scale_shift_table.table", f"{theirs}.scale_shift_table", (1, 6, d)))
     maps.append(TensorMap("final_layer.scale_shift_table.table", "scale_shift_table", (1, 2, d)))
-    maps += linear("final_layer.linear", "proj_out", p_c, d, channels_last_to_first(cfg.in_channels, cfg.patch_volume))
+    maps += linear("final_layer.linear", "proj_out", p_c, d, channels_last_to_first(cfg.predicted_channels, cfg.patch_volume))
+    return maps
+
+
+def image_embedder_maps(cfg: DiTConfig) -> list[TensorMap]:
+    """The CLIP image-token embedder's tensors (Wan 2.1 I2V and FLF2V); none without image_dim."""
+    if cfg.image_dim is None:
+        return []
+    img, d, theirs = cfg.image_dim, cfg.hidden_size, "condition_embedder.image_embedder"
+    pairs = [("norm1", "norm1", (img,), (img,)), ("fc1", "ff.net.0.proj", (img, img), (img,)),
+             ("fc2", "ff.net.2", (d, img), (d,)), ("norm2", "norm2", (d,), (d,))]
+    maps = [TensorMap(f"image_embedder.{ours}.{kind}", f"{theirs}.{name}.{kind}", shape)
+            for ours, name, weight, bias in pairs for kind, shape in (("weight", weight), ("bias", bias))]
+    if cfg.image_len is not None:
+        maps.append(TensorMap("image_embedder.pos_embed", f"{theirs}.pos_embed", (1, cfg.image_len, img)))
     return maps
 
 

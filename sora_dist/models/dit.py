@@ -9,7 +9,9 @@ tokens with a padding mask, and an adaLN-Zero modulated MLP (Peebles & Xie 2023,
 Options express published models exactly (``DiTConfig``): the MLP width (``ffn_dim``), the
 QK-norm's scope, shared modulation (PixArt-alpha's adaLN-single, Wan's: one projection of the
 timestep embedding for all blocks, plus a learned table per block and for the final layer), and
-fixed-length unmasked caption context (Wan's). sora_dist.interop maps checkpoints onto them.
+fixed-length unmasked caption context (Wan's), and image conditioning (Wan 2.1 I2V and FLF2V: more
+input channels than predicted ones, and CLIP image tokens that every cross-attention reads through
+key/value projections of their own). sora_dist.interop maps checkpoints onto them.
 
 No distributed code and no device names here: parallelism is applied from outside
 (sora_dist.parallel), and attribute names are API for its tensor-parallel plan.
@@ -53,6 +55,9 @@ class DiTConfig:
     modulation: str = "per_block"  # adaLN-Zero in every block, or "shared": one time projection plus per-block tables (Wan)
     text_context: str = "masked"  # caption tokens under a key mask with a null token, or "padded" to text_len, unmasked (Wan)
     text_len: int = 512  # the caption tokens of text_context "padded"
+    out_channels: int | None = None  # channels predicted; None: in_channels (Wan I2V reads 36, predicts 16)
+    image_dim: int | None = None  # width of CLIP image tokens read by every cross-attention (Wan I2V: 1280); None: none
+    image_len: int | None = None  # image tokens with a learned position table (Wan FLF2V: 2 x 257); None: no table
 
     @property
     def head_dim(self) -> int:
@@ -61,6 +66,10 @@ class DiTConfig:
     @property
     def mlp_hidden(self) -> int:
         return self.ffn_dim or int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def predicted_channels(self) -> int:
+        return self.out_channels or self.in_channels
 
     @property
     def patch_volume(self) -> int:
@@ -279,7 +288,7 @@ class Attention(nn.Module):
     shards to_q/to_k/to_v column-wise leaves each rank with its local heads.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool, qk_norm_scope: str = "head"):
+    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool, qk_norm_scope: str = "head", image_kv: bool = False):
         super().__init__()
         self.head_dim = hidden_size // num_heads
         self.to_q = nn.Linear(hidden_size, hidden_size)
@@ -289,11 +298,17 @@ class Attention(nn.Module):
         self.q_norm = qk_norm_layer(num_heads, self.head_dim, qk_norm_scope) if qk_norm else nn.Identity()
         self.k_norm = qk_norm_layer(num_heads, self.head_dim, qk_norm_scope) if qk_norm else nn.Identity()
         self.core = AttentionCore()
+        if image_kv:  # Wan I2V: the embedded image tokens' own keys (RMS-normed over all heads) and values
+            self.image_k = nn.Linear(hidden_size, hidden_size)
+            self.image_v = nn.Linear(hidden_size, hidden_size)
+            self.image_k_norm = AllHeadsRMSNorm(num_heads, self.head_dim)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return rearrange(x, "b n (h dh) -> b h n dh", dh=self.head_dim)
 
-    def forward(self, x, rope=None, context=None, context_mask=None):
+    def forward(self, x, rope=None, context=None, context_mask=None, image=None):
+        """``image``: embedded image tokens (B, L, D), attended to apart from the context (its own
+        softmax) and added to its result before the output projection."""
         source = x if context is None else context
         q = self.q_norm(self._heads(self.to_q(x)))
         k = self.k_norm(self._heads(self.to_k(source)))
@@ -301,6 +316,9 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = rope_rotate(q, *rope), rope_rotate(k, *rope)
         out = self.core(q, k, v, context_mask)  # (B, H, N, Dh)
+        if image is not None:
+            image_k = self.image_k_norm(self._heads(self.image_k(image)))
+            out = out + self.core(q, image_k, self._heads(self.image_v(image)))
         return self.proj(rearrange(out, "b h n dh -> b n (h dh)"))
 
 
@@ -323,7 +341,7 @@ class DiTBlock(nn.Module):
         d = cfg.hidden_size
         self.attn = Attention(d, cfg.num_heads, cfg.qk_norm, cfg.qk_norm_scope)
         self.norm2 = nn.LayerNorm(d, eps=1e-6)
-        self.cross_attn = Attention(d, cfg.num_heads, cfg.qk_norm, cfg.qk_norm_scope)
+        self.cross_attn = Attention(d, cfg.num_heads, cfg.qk_norm, cfg.qk_norm_scope, image_kv=cfg.image_dim is not None)
         self.mlp = Mlp(d, cfg.mlp_hidden)
         if cfg.modulation == "shared":
             self.scale_shift_table = ModulationTable(6, d)
@@ -338,12 +356,13 @@ class DiTBlock(nn.Module):
             return self.adaLN_modulation(c)
         return self.scale_shift_table(c)
 
-    def forward(self, x, c, context, context_mask, rope, frames: FrameSpan):
-        """c: (B, D) per sample or (B, T', D) per frame; (.., 6D) under shared modulation."""
+    def forward(self, x, c, context, context_mask, rope, frames: FrameSpan, image=None):
+        """c: (B, D) per sample or (B, T', D) per frame; (.., 6D) under shared modulation;
+        image: embedded image tokens (B, L, D) or None."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c).chunk(6, dim=-1)
         h = per_frame(modulated_layer_norm, frames, (x,), (shift_msa, scale_msa))
         x = per_frame(_gated_residual, frames, (x, self.attn(h, rope=rope)), (gate_msa,))
-        x = x + self.cross_attn(self.norm2(x), context=context, context_mask=context_mask)
+        x = x + self.cross_attn(self.norm2(x), context=context, context_mask=context_mask, image=image)
         h = per_frame(modulated_layer_norm, frames, (x,), (shift_mlp, scale_mlp))
         return per_frame(_gated_residual, frames, (x, self.mlp(h)), (gate_mlp,))
 
@@ -362,7 +381,7 @@ class FinalLayer(nn.Module):
             self.scale_shift_table = ModulationTable(2, cfg.hidden_size)
         else:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden_size, 2 * cfg.hidden_size))
-        self.linear = nn.Linear(cfg.hidden_size, cfg.patch_volume * cfg.in_channels)
+        self.linear = nn.Linear(cfg.hidden_size, cfg.patch_volume * cfg.predicted_channels)
 
     def modulation(self, c: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "adaLN_modulation"):
@@ -372,6 +391,34 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor, frames: FrameSpan) -> torch.Tensor:
         shift, scale = self.modulation(c).chunk(2, dim=-1)
         return self.linear(per_frame(modulated_layer_norm, frames, (x,), (shift, scale)))
+
+
+def fp32_layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """An affine LayerNorm computed in at least fp32 and returned in x's dtype (as Wan's FP32LayerNorm)."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    out = F.layer_norm(x.to(wide), norm.normalized_shape, norm.weight.to(wide), norm.bias.to(wide), norm.eps)
+    return out.to(x.dtype)
+
+
+class ImageEmbedder(nn.Module):
+    """CLIP image tokens (B, L, image_dim) to the model's width (Wan 2.1 I2V): a LayerNorm, a GELU
+    MLP and a LayerNorm, the norms in fp32. With ``positions`` (FLF2V: the first and the last
+    frame's tokens, one after the other) a learned table is added first."""
+
+    def __init__(self, image_dim: int, hidden_size: int, positions: int | None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(image_dim)
+        self.fc1 = nn.Linear(image_dim, image_dim)
+        self.fc2 = nn.Linear(image_dim, hidden_size)
+        self.norm2 = nn.LayerNorm(hidden_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, positions, image_dim)) if positions else None
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.pos_embed is not None:
+            assert image.shape[1] == self.pos_embed.shape[1], f"{image.shape[1]} image tokens, the position table {self.pos_embed.shape[1]}"
+            image = image + self.pos_embed
+        h = self.fc2(F.gelu(self.fc1(fp32_layer_norm(self.norm1, image))))
+        return fp32_layer_norm(self.norm2, h)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,6 +445,8 @@ class VideoDiT(nn.Module):
             self.register_buffer("empty_caption", torch.zeros(min(EMPTY_CAPTION_TOKENS, cfg.text_len), cfg.text_dim))
         if cfg.modulation == "shared":  # the blocks' modulation, projected once from the timestep embedding
             self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        if cfg.image_dim is not None:
+            self.image_embedder = ImageEmbedder(cfg.image_dim, d, cfg.image_len)
         self.rope = RotaryEmbedding3D(cfg.head_dim, cfg.rope_theta)
         self.frames = TokenFrames()
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
@@ -427,6 +476,8 @@ class VideoDiT(nn.Module):
                 module.reset_parameters()
         for linear in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.text_embedder[0], self.text_embedder[2]):
             nn.init.normal_(linear.weight, std=0.02)
+        if hasattr(self, "image_embedder") and self.image_embedder.pos_embed is not None:
+            nn.init.zeros_(self.image_embedder.pos_embed)
         if hasattr(self, "null_text"):
             nn.init.normal_(self.null_text, std=0.02)
         else:
@@ -451,7 +502,8 @@ class VideoDiT(nn.Module):
         if self.cfg.modulation != "shared":
             return []
         blocks = [m for block in self.blocks for m in (block.scale_shift_table, block.norm2)]
-        return [self.t_embedder, *blocks, self.final_layer.scale_shift_table]
+        image = [self.image_embedder.norm1, self.image_embedder.norm2] if hasattr(self, "image_embedder") else []
+        return [self.t_embedder, *blocks, self.final_layer.scale_shift_table, *image]
 
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, T, h, w) -> (B, N, C*p_t*p_h*p_w); sizes that do not divide are zero-padded."""
@@ -469,13 +521,16 @@ class VideoDiT(nn.Module):
             x = x[:, :, :t, :h, :w].contiguous()
         return x
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                image: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the diffusion target for noised latents.
 
-        x: (B, C, T, h, w) noised latents; t: timestep in [0, 1000], (B,) one per sample or
-        (B, T') one per latent frame after patching (T' = ceil(T / p_t));
-        text: (B, L, text_dim) text-encoder states; text_mask: (B, L) bool, True for real tokens.
-        Returns (B, C, T, h, w).
+        x: (B, C, T, h, w) noised latents (with image conditioning, its channels appended: C =
+        in_channels); t: timestep in [0, 1000], (B,) one per sample or (B, T') one per latent frame
+        after patching (T' = ceil(T / p_t)); text: (B, L, text_dim) text-encoder states;
+        text_mask: (B, L) bool, True for real tokens; image: (B, L_img, image_dim) CLIP image
+        tokens, given exactly when the model has image_dim.
+        Returns (B, predicted_channels, T, h, w).
         """
         b, _, t_len, h, w = x.shape
         grid = self.cfg.grid((t_len, h, w))
@@ -483,12 +538,19 @@ class VideoDiT(nn.Module):
         tokens = self.x_embedder(self.patchify(x))  # (B, N, D)
         c = self.t_embedder(t.flatten()).unflatten(0, t.shape)  # (B, D) or (B, T', D)
         context, context_mask = self.caption_context(text, text_mask)
+        image_tokens = self.embed_image(image)
         block_c = self.time_proj(c) if hasattr(self, "time_proj") else c
         rope = self.rope(grid, x.device, torch.float64 if x.dtype == torch.float64 else torch.float32)  # (N, Dh/2) each
         frames = self.frames(grid)
         for block in self.blocks:
-            tokens = block(tokens, block_c, context, context_mask, rope, frames)
+            tokens = block(tokens, block_c, context, context_mask, rope, frames, image_tokens)
         return self.unpatchify(self.final_layer(tokens, c, frames), (t_len, h, w))
+
+    def embed_image(self, image: torch.Tensor | None) -> torch.Tensor | None:
+        """The embedded image tokens (B, L, D) every cross-attention reads, or None without image conditioning."""
+        if (image is None) != (self.cfg.image_dim is None):
+            raise ValueError(f"model image_dim={self.cfg.image_dim} but image tokens {'missing' if image is None else 'given'}")
+        return None if image is None else self.image_embedder(image)
 
     def padded_context(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """(B, text_len, D): the embedded caption tokens then the embedding of a zero token up to

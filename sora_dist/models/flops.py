@@ -15,18 +15,31 @@ from typing import NamedTuple
 
 from sora_dist.models.dit import EMPTY_CAPTION_TOKENS, TIMESTEP_FREQ_DIM, DiTConfig
 
+IMAGE_TOKENS = 257
+"""Image tokens of an image-conditioned model without a position table: one CLIP ViT-H/14 image
+(256 patches and the class token), as Wan 2.1 I2V reads them."""
+
 
 def _linear(n_in: int, n_out: int) -> int:
     return n_in * n_out + n_out
 
 
+def image_tokens(cfg: DiTConfig) -> int:
+    """Image tokens every cross-attention reads: the position table's length, one CLIP image, or none."""
+    return 0 if cfg.image_dim is None else cfg.image_len or IMAGE_TOKENS
+
+
 def count_parameters(cfg: DiTConfig) -> int:
-    d, p_c = cfg.hidden_size, cfg.patch_volume * cfg.in_channels
+    d, p_c, p_out = cfg.hidden_size, cfg.patch_volume * cfg.in_channels, cfg.patch_volume * cfg.predicted_channels
     qk_norm = 2 * (d if cfg.qk_norm_scope == "all_heads" else cfg.head_dim) if cfg.qk_norm else 0
     attention = 4 * _linear(d, d) + qk_norm
     shared = cfg.modulation == "shared"
+    image = cfg.image_dim is not None
+    img = cfg.image_dim or 0
+    image_embedder = 2 * img + _linear(img, img) + _linear(img, d) + 2 * d + (cfg.image_len or 0) * img if image else 0
     block = (
         2 * attention  # self- and cross-attention
+        + (2 * _linear(d, d) + d if image else 0)  # the image tokens' keys, values and key norm
         + 2 * d  # affine LayerNorm before cross-attention
         + _linear(d, cfg.mlp_hidden) + _linear(cfg.mlp_hidden, d)
         + (6 * d if shared else _linear(d, 6 * d))  # modulation: the block's table, or its adaLN-Zero projection
@@ -37,8 +50,9 @@ def count_parameters(cfg: DiTConfig) -> int:
         + (_linear(d, 6 * d) if shared else 0)  # the blocks' shared modulation projection
         + _linear(cfg.text_dim, d) + _linear(d, d)  # caption projection
         + (d if cfg.text_context == "masked" else 0)  # null text token
+        + image_embedder
         + cfg.depth * block
-        + (2 * d if shared else _linear(d, 2 * d)) + _linear(d, p_c)  # final layer: modulation, projection
+        + (2 * d if shared else _linear(d, 2 * d)) + _linear(d, p_out)  # final layer: modulation, projection
     )
 
 
@@ -77,8 +91,8 @@ def forward_matmuls(cfg: DiTConfig, latent_shape: tuple[int, int, int], text_len
     (under text_context "padded" the model's cfg.text_len instead, whatever the caption's).
     With ``per_frame_t`` (a timestep per latent frame) the timestep MLP and the adaLN
     modulation run once per patch frame instead of once per sample."""
-    d, m, p_c = cfg.hidden_size, cfg.mlp_hidden, cfg.patch_volume * cfg.in_channels
-    ctx = context_len(cfg, text_len)
+    d, m, p_c, p_out = cfg.hidden_size, cfg.mlp_hidden, cfg.patch_volume * cfg.in_channels, cfg.patch_volume * cfg.predicted_channels
+    ctx, img, n_img = context_len(cfg, text_len), cfg.image_dim or 0, image_tokens(cfg)
     text_len = projected_text_rows(cfg, text_len)
     n = cfg.num_tokens(latent_shape)
     conditions = cfg.grid(latent_shape)[0] if per_frame_t else 1
@@ -90,15 +104,19 @@ def forward_matmuls(cfg: DiTConfig, latent_shape: tuple[int, int, int], text_len
         Matmuls(conditions * 2 * d * d, False, False),
         Matmuls(2 * text_len * cfg.text_dim * d, False, False, input_grad=False),  # caption projection
         Matmuls(2 * text_len * d * d, False, False),
+        Matmuls(2 * n_img * img * img, False, False),  # image embedder (fed by its affine LayerNorm: input gradients too)
+        Matmuls(2 * n_img * img * d, False, False),
         Matmuls(blocks * 2 * n * 4 * d * d, True, True, in_blocks=True),  # self-attention q, k, v, out
         Matmuls(blocks * 4 * n * n * d, True, True, in_blocks=True),  # q k^T and attention @ v
         Matmuls(blocks * 2 * n * 2 * d * d, True, True, in_blocks=True),  # cross-attention q and out
         Matmuls(blocks * 2 * ctx * 2 * d * d, False, True, in_blocks=True),  # cross-attention k, v of the text
         Matmuls(blocks * 4 * n * ctx * d, True, True, in_blocks=True),  # cross-attention scores and values
+        Matmuls(blocks * 2 * n_img * 2 * d * d, False, True, in_blocks=True),  # the image tokens' keys and values
+        Matmuls(blocks * 4 * n * n_img * d, True, True, in_blocks=True),  # and their scores and values
         Matmuls(blocks * 2 * n * 2 * d * m, True, True, in_blocks=True),  # MLP
         Matmuls((1 if shared else blocks) * conditions * 2 * d * 6 * d, False, False, in_blocks=not shared),  # modulation
         Matmuls(0 if shared else conditions * 2 * d * 2 * d, False, False),  # final layer: modulation
-        Matmuls(2 * n * d * p_c, True, False),  # and its projection to patches
+        Matmuls(2 * n * d * p_out, True, False),  # and its projection to patches
     ]
 
 

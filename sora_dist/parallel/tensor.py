@@ -10,6 +10,8 @@ costs less than the extra all-gather/reduce-scatter pair of sequence-parallel no
 
 from __future__ import annotations
 
+from fnmatch import fnmatch
+
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
@@ -23,6 +25,8 @@ TP_PLAN = {
     "blocks.*.cross_attn.to_k": ColwiseParallel(),
     "blocks.*.cross_attn.to_v": ColwiseParallel(),
     "blocks.*.cross_attn.proj": RowwiseParallel(),
+    "blocks.*.cross_attn.image_k": ColwiseParallel(),  # image-conditioned models only (Wan I2V)
+    "blocks.*.cross_attn.image_v": ColwiseParallel(),
     # QK-norm weights are shared by all heads while each rank holds only its own heads: run the
     # norms on DTensors sharded along the head dimension (dim 1 of (B, H, N, Dh)) so that the
     # weights' gradients are reduced over the TP group.
@@ -30,10 +34,15 @@ TP_PLAN = {
     "blocks.*.attn.k_norm": SequenceParallel(sequence_dim=1, use_local_output=True),
     "blocks.*.cross_attn.q_norm": SequenceParallel(sequence_dim=1, use_local_output=True),
     "blocks.*.cross_attn.k_norm": SequenceParallel(sequence_dim=1, use_local_output=True),
+    "blocks.*.cross_attn.image_k_norm": SequenceParallel(sequence_dim=1, use_local_output=True),
     "blocks.*.mlp.fc1": ColwiseParallel(),
     "blocks.*.mlp.fc2": RowwiseParallel(),
 }
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
-    parallelize_module(model, tp_mesh, TP_PLAN)
+    """The plan's entries that name modules of ``model`` (a model without image conditioning has
+    no image projections), applied."""
+    names = [name for name, _ in model.named_modules()]
+    plan = {path: style for path, style in TP_PLAN.items() if any(fnmatch(name, path) for name in names)}
+    parallelize_module(model, tp_mesh, plan)

@@ -30,11 +30,12 @@ from sora_dist.diffusion import build_objective
 from sora_dist.kernels import get_attention_backend
 from sora_dist.kernels.fused import get_fused_backend
 from sora_dist.models import count_parameters, train_flops
+from sora_dist.models.flops import image_tokens
 from sora_dist.parallel.mesh import MESH_DIMS
 from sora_dist.perf.output import report_on_rank_zero
 
 TEXT_DIM = 4096  # T5-XXL width
-IN_CHANNELS = 16  # a current video VAE's latent channels
+IN_CHANNELS = 16  # a current video VAE's latent channels (a preset may fix its own)
 
 
 def benchmark(args, overrides: list[str]) -> dict:
@@ -74,19 +75,30 @@ def benchmark(args, overrides: list[str]) -> dict:
 
 def training_step(cfg, dev: device_lib.Device, engine, autocast_dtype, sp: int, batch: int, shape: tuple[int, int, int], text_len: int):
     """A closure that runs one optimizer step of ``engine`` on fixed random latents and text."""
-    objective = build_objective(cfg.diffusion, engine.module.cfg.patch_size)
+    model_cfg = engine.module.cfg
+    objective = build_objective(cfg.diffusion, model_cfg.patch_size)
     g = torch.Generator(device=dev.torch_device).manual_seed(0)
-    latents = torch.randn(batch, IN_CHANNELS, *shape, generator=g, device=dev.torch_device)
+    latents = torch.randn(batch, model_cfg.predicted_channels, *shape, generator=g, device=dev.torch_device)
     text = torch.randn(batch, text_len, TEXT_DIM, generator=g, device=dev.torch_device)
     mask = torch.ones(batch, text_len, dtype=torch.bool, device=dev.torch_device)
+    denoiser = image_conditioned(engine.model, model_cfg, batch, shape, g, dev.torch_device) if model_cfg.image_dim else engine.model
 
     def step():
         with dev.autocast(autocast_dtype):
-            loss = objective.loss(engine.model, latents, text, mask, g).mean()
+            loss = objective.loss(denoiser, latents, text, mask, g).mean()
         engine.backward(loss * sp)
         engine.step(lambda norm: None)
 
     return step
+
+
+def image_conditioned(model, model_cfg, batch: int, shape: tuple[int, int, int], g, device):
+    """The model fed as an image-conditioned Wan model is (I2V, FLF2V): fixed random conditioning
+    channels appended to the noised latents, and fixed random CLIP image tokens; the same work
+    per step as fine-tuning it would be."""
+    extra = torch.randn(batch, model_cfg.in_channels - model_cfg.predicted_channels, *shape, generator=g, device=device)
+    image = torch.randn(batch, image_tokens(model_cfg), model_cfg.image_dim, generator=g, device=device)
+    return lambda x, t, text, mask: model(torch.cat([x, extra.to(x.dtype)], dim=1), t, text, mask, image=image)
 
 
 def timed(step, dev, warmup: int, steps: int) -> list[float]:

@@ -43,21 +43,22 @@ def test_layout_matches_single_process(world_size, layout, tmp_path_factory):
 
 
 sys.path.insert(0, str(WORKER.parents[1] / "interop"))
-from wan_layouts import DTYPES, LAYOUTS as WAN_LAYOUTS  # noqa: E402
+from wan_layouts import DTYPES, LAYOUTS as WAN_LAYOUTS, VARIANTS as WAN_VARIANTS  # noqa: E402
 
 WAN_TOLERANCE = {"fp64": 1e-10, "fp32": 1e-5}
 
 
 @pytest.mark.parametrize("world_size, layout", [(w, name) for w, layouts in WAN_LAYOUTS.items() for name in layouts])
 def test_wan_imported_on_a_layout_matches_diffusers(world_size, layout, tmp_path_factory):
-    """A diffusers Wan folder read slice by slice on every rank of the layout: its loss and every
-    gradient match diffusers' own model in one process."""
+    """A diffusers Wan folder (text-to-video, and FLF2V with image tokens) read slice by slice on
+    every rank of the layout: its loss and every gradient match diffusers' own model in one process."""
     pytest.importorskip("diffusers")
     results = results_for(world_size, tmp_path_factory)["_wan_import"]
     for dtype in DTYPES:
-        r = results[f"{layout}/{dtype}"]
-        assert "error" not in r, f"{layout} {dtype}: {r}"
-        assert r["loss"] <= WAN_TOLERANCE[dtype] and r["grad"] <= WAN_TOLERANCE[dtype], f"{layout} {dtype}: {r}"
+        for variant in WAN_VARIANTS:
+            r = results[f"{layout}/{dtype}/{variant}"]
+            assert "error" not in r, f"{layout} {dtype} {variant}: {r}"
+            assert r["loss"] <= WAN_TOLERANCE[dtype] and r["grad"] <= WAN_TOLERANCE[dtype], f"{layout} {dtype} {variant}: {r}"
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

@@ -115,3 +115,19 @@ def test_image_to_video_equals_wans_ti2v_pipeline(pipeline, tmp_path):
     torch.testing.assert_close(ours[:, :, 0], theirs[:, :, 0].float(), rtol=1e-3, atol=1e-3)
     print("max difference", (ours - theirs).abs().max().item(), "of", theirs.abs().max().item())
     torch.testing.assert_close(ours, theirs.float(), rtol=1e-3, atol=1e-3)
+
+
+def test_an_image_conditioned_pipeline_is_refused_in_one_line(pipeline, tmp_path, capsys, caplog):
+    """Wan 2.1 I2V reads CLIP image tokens that sampling does not provide yet: one line, exit 2,
+    before anything is built."""
+    import logging
+    import shutil
+
+    caplog.set_level(logging.ERROR, logger="sora_dist")
+
+    root = tmp_path / "i2v-pipeline"
+    shutil.copytree(pipeline, root, ignore=shutil.ignore_patterns("transformer"))
+    save_wan(make_wan(torch.float32, variant="i2v"), root / "transformer")
+    assert main(["sample", "--from", str(root), "--prompt", "a red ball", "--samples", "1", "--out", str(tmp_path / "out")]) == 2
+    said = [line for line in capsys.readouterr().err.splitlines() if line.strip()] + [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(said) == 1 and "CLIP image tokens" in said[0] and "wan2.2-ti2v-5b" in said[0], said

@@ -17,11 +17,23 @@ TINY = {"patch_size": [1, 2, 2], "num_attention_heads": 3, "attention_head_dim":
         "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "image_dim": None, "added_kv_proj_dim": None, "rope_max_seq_len": 1024}
 LATENT = (3, 6, 10)  # frames, height, width: a non-square grid of 3 x 3 x 5 patches
 TEXT_TOKENS = (5, 3)  # real caption tokens per sample
+IMAGE_TOKENS = 5  # CLIP tokens per image (257 in Wan)
+VARIANTS = {
+    "t2v": {},  # and TI2V: the same tensors, fed per-frame timesteps
+    # Wan 2.1 I2V: 4 noisy + 4 mask + 4 first-frame latent channels in, 4 predicted; 20-wide image tokens.
+    "i2v": {"in_channels": 12, "out_channels": 4, "image_dim": 20, "added_kv_proj_dim": 36},
+    # FLF2V: I2V plus a learned position table over the first and the last frame's image tokens.
+    "flf2v": {"in_channels": 12, "out_channels": 4, "image_dim": 20, "added_kv_proj_dim": 36, "pos_embed_seq_len": 2 * IMAGE_TOKENS},
+}
 
 
-def make_wan(dtype=torch.float64, seed: int = 0, **overrides):
-    """A diffusers WanTransformer3DModel with every weight random (tables and norms too)."""
+def make_wan(dtype=torch.float64, seed: int = 0, variant: str = "t2v", **overrides):
+    """A diffusers WanTransformer3DModel of a VARIANTS entry with every weight random (tables and norms too)."""
     from diffusers import WanTransformer3DModel
+
+    overrides = {**VARIANTS[variant], **overrides}
+    if "added_kv_proj_dim" in overrides:  # the image keys read tokens as wide as the model
+        overrides["added_kv_proj_dim"] = overrides.get("num_attention_heads", TINY["num_attention_heads"]) * TINY["attention_head_dim"]
 
     torch.manual_seed(seed)
     with diffusers_in_float64() if dtype == torch.float64 else contextlib.nullcontext():  # its RoPE table too
@@ -61,6 +73,22 @@ def inputs(cfg: DiTConfig, dtype=torch.float64, per_frame_t: bool = False, seed:
     return x, t, text, mask
 
 
+def image_tokens(cfg: DiTConfig, dtype=torch.float64, seed: int = 2):
+    """(B, L, image_dim) CLIP image tokens for our model (two images' worth under a position
+    table, as FLF2V), or None for a model without image conditioning."""
+    if cfg.image_dim is None:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(len(TEXT_TOKENS), cfg.image_len or IMAGE_TOKENS, cfg.image_dim, generator=g, dtype=dtype)
+
+
+def wan_image(cfg: DiTConfig, image):
+    """The same image tokens as diffusers takes them: FLF2V's two images as two rows of the batch."""
+    if image is None or cfg.image_len is None:
+        return image
+    return image.reshape(-1, cfg.image_len // 2, cfg.image_dim)
+
+
 def wan_inputs(cfg: DiTConfig, x, t, text, mask):
     """The same inputs as Wan's pipeline feeds them: captions zero-padded to 512 tokens, and a
     per-frame timestep given per token."""
@@ -76,9 +104,10 @@ def difference_from_diffusers(ours: VideoDiT, exported) -> float:
     """The relative difference of ``ours`` from a diffusers Wan model (``exported``, loaded from
     our export) on the shared fp32 inputs."""
     x, t, text, mask = inputs(ours.cfg, torch.float32)
+    image = image_tokens(ours.cfg, torch.float32)
     with torch.no_grad():
-        out = ours(x, t, text, mask)
-        ref = exported(*wan_inputs(ours.cfg, x, t, text, mask), return_dict=False)[0]
+        out = ours(x, t, text, mask, image=image)
+        ref = exported(*wan_inputs(ours.cfg, x, t, text, mask), encoder_hidden_states_image=wan_image(ours.cfg, image), return_dict=False)[0]
     return ((out - ref).norm() / ref.norm()).item()
 
 

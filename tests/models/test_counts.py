@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -6,13 +8,16 @@ from sora_dist.config import ModelConfig
 from sora_dist.kernels import set_attention_backend
 from sora_dist.config import resolve_model_config
 from sora_dist.models import PRESETS, VideoDiT, count_parameters, executed_train_flops, forward_flops, train_flops
+from sora_dist.models.flops import image_tokens
 
 # Nominal size of each preset with a 4096-wide text encoder (T5-XXL) and 4 latent channels.
 NOMINAL = {"debug": (0.4e6, 0.6e6), "S": (35e6, 50e6), "B": (140e6, 180e6), "L": (0.5e9, 0.62e9),
            "XL": (0.75e9, 0.9e9), "1B": (0.95e9, 1.15e9), "3B": (2.8e9, 3.3e9), "7B": (6.5e9, 7.5e9),
            # Wan's own latent channels and umT5 width, whatever is passed: the published 1.3B, 14B, 5B.
            "wan2.1-t2v-1.3b": (1.40e9, 1.43e9), "wan2.1-t2v-14b": (14.2e9, 14.3e9), "wan2.2-ti2v-5b": (4.9e9, 5.1e9),
-           "wan2.2-t2v-a14b": (14.2e9, 14.3e9)}
+           "wan2.2-t2v-a14b": (14.2e9, 14.3e9),
+           # the 14B plus the image tokens' keys and values in 40 cross-attentions and the image embedder
+           "wan2.1-i2v-14b": (16.3e9, 16.5e9), "wan2.1-flf2v-14b": (16.3e9, 16.5e9)}
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -68,23 +73,39 @@ def test_wan_presets_have_exactly_diffusers_parameters(preset):
     assert count_parameters(cfg) == sum(p.numel() for p in reference.parameters())
 
 
+# Image conditioning as Wan 2.1 I2V has it (12 channels read, 4 predicted, 24-wide image tokens), and FLF2V's position table.
+I2V = {"in_channels": 12, "out_channels": 4, "image_dim": 24}
+FLF2V = {**I2V, "image_len": 10}
+
+
+def test_parameter_formula_counts_image_conditioning():
+    for image in (I2V, FLF2V):
+        cfg = dataclasses.replace(resolve_model_config(ModelConfig(preset="debug", **WAN_OPTIONS), 4, 32), **image)
+        with torch.device("meta"):
+            model = VideoDiT(cfg)
+        assert count_parameters(cfg) == sum(p.numel() for p in model.parameters()), image
+
+
 @pytest.mark.parametrize("per_frame_t", [False, True], ids=["t-per-sample", "t-per-frame"])
 @pytest.mark.parametrize("shape, patch_size, options", [
     ((1, 16, 16), (1, 2, 2), {}), ((5, 12, 20), (1, 2, 2), {}), ((8, 10, 10), (1, 2, 2), {}),
     ((1, 16, 16), (2, 2, 2), {}), ((5, 12, 20), (2, 2, 2), {}), ((8, 10, 10), (2, 2, 2), {}),
     ((5, 12, 20), (1, 2, 2), WAN_OPTIONS), ((8, 10, 10), (2, 2, 2), WAN_OPTIONS),
-], ids=lambda v: "wan" if v == WAN_OPTIONS else None)
+    ((5, 12, 20), (1, 2, 2), {**WAN_OPTIONS, **I2V}), ((8, 10, 10), (2, 2, 2), {**WAN_OPTIONS, **FLF2V}),
+], ids=lambda v: {id(WAN_OPTIONS): "wan"}.get(id(v), "wan-image" if isinstance(v, dict) and "image_dim" in v else None))
 def test_flop_formula_matches_measured_count(shape, patch_size, options, per_frame_t):
-    cfg = resolve_model_config(ModelConfig(preset="debug", patch_size=patch_size, **options), in_channels=4, text_dim=32)
+    image = {key: options.pop(key) for key in ("in_channels", "out_channels", "image_dim", "image_len") if key in (options := dict(options))}
+    cfg = dataclasses.replace(resolve_model_config(ModelConfig(preset="debug", patch_size=patch_size, **options), in_channels=4, text_dim=32), **image)
     model = VideoDiT(cfg)
     batch, text_len = 2, 7
     t = torch.rand(batch, cfg.grid(shape)[0]) if per_frame_t else torch.rand(batch)
-    args = (torch.randn(batch, 4, *shape), t * 1000, torch.randn(batch, text_len, 32), torch.ones(batch, text_len, dtype=torch.bool))
+    args = (torch.randn(batch, cfg.in_channels, *shape), t * 1000, torch.randn(batch, text_len, 32), torch.ones(batch, text_len, dtype=torch.bool))
+    image_states = torch.randn(batch, image_tokens(cfg), cfg.image_dim) if cfg.image_dim else None
     # The FLOP counter does not see CPU SDPA's fused kernel; the reference backend is plain matmuls.
     set_attention_backend("reference")
     try:
         with FlopCounterMode(display=False) as forward:
-            out = model(*args)
+            out = model(*args, image=image_states)
         with FlopCounterMode(display=False) as backward:
             out.sum().backward()
     finally:
