@@ -162,6 +162,16 @@ def build_stack(cfg: Config, dev: device_lib.Device, model_cfg: DiTConfig, world
     return TrainingStack(dev, dims, mesh, model_cfg, model, optimizer, scheduler, engine, dtype)
 
 
+def frozen_base_reader(cfg: Config, model_cfg: DiTConfig, shapes: dict):
+    """For a LoRA run, a reader of its frozen base weights from checkpoint.init_from (its
+    checkpoints hold the adapters alone); None otherwise."""
+    if not (cfg.lora.rank and cfg.checkpoint.init_from):
+        return None
+    from sora_dist.interop.load import initial_weights_reader
+
+    return initial_weights_reader(cfg.checkpoint.init_from, model_cfg, shapes)
+
+
 def refuse_image_conditioning(image_dim, command: str) -> None:
     """One line for a model that reads CLIP image tokens (Wan 2.1 I2V, FLF2V): the data pipeline
     and the samplers do not provide them yet."""

@@ -91,7 +91,7 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> None:
 
     import torch
 
-    from sora_dist.build import single_model
+    from sora_dist.build import frozen_base_reader, single_model
     from sora_dist.checkpoint import load_weights_for_export, verify
     from sora_dist.config import load_config, resolve_model_config
     from sora_dist.errors import ConfigError
@@ -105,8 +105,10 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> None:
     cfg = load_config(path / "config.yaml")
     if args.format == "diffusers":
         return export_diffusers(path, cfg, resolve_model_config(cfg.model, cfg.model.in_channels, cfg.model.text_dim), args)
-    model = single_model(cfg, resolve_model_config(cfg.model, cfg.model.in_channels, cfg.model.text_dim), torch.device("cpu"))
-    used = load_weights_for_export(path, model, ema=not args.raw)
+    model_cfg = resolve_model_config(cfg.model, cfg.model.in_channels, cfg.model.text_dim)
+    model = single_model(cfg, model_cfg, torch.device("cpu"))
+    base = frozen_base_reader(cfg, model_cfg, {name: t.shape for name, t in model.state_dict().items()})
+    used = load_weights_for_export(path, model, ema=not args.raw, base=base)
     metadata = {"model_config": json.dumps(cfg.to_dict()["model"]), "weights": used, "checkpoint": str(path)}
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.out, metadata=metadata)
     log.info("exported the %s weights of %s (%d tensors) -> %s", used, path, len(model.state_dict()), args.out)
@@ -117,7 +119,7 @@ def export_diffusers(path: Path, cfg, model_cfg, args: argparse.Namespace) -> No
     read and written one safetensors file's worth at a time."""
     import torch
 
-    from sora_dist.build import add_adapters
+    from sora_dist.build import add_adapters, frozen_base_reader
     from sora_dist.checkpoint import weight_reader
     from sora_dist.errors import ConfigError
     from sora_dist.interop.export import DTYPES, pipeline_around, write_diffusers, write_lora
@@ -128,7 +130,7 @@ def export_diffusers(path: Path, cfg, model_cfg, args: argparse.Namespace) -> No
         model = VideoDiT(model_cfg)
         add_adapters(model, cfg)
     shapes = {name: t.shape for name, t in model.state_dict().items()}
-    read, used = weight_reader(path, shapes, ema=not args.raw)
+    read, used = weight_reader(path, shapes, ema=not args.raw, base=frozen_base_reader(cfg, model_cfg, shapes))
     adapted = adapted_modules(shapes)
     if args.lora_only:
         if not adapted:

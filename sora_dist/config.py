@@ -307,7 +307,9 @@ class FaultConfig:
 class AdapterConfig:
     rank: int = 0
     """LoRA rank of the adapters on the blocks' linear layers; 0: no adapters, every weight trains.
-    With adapters the base weights are frozen and only the adapters train (docs/wan.md)."""
+    With adapters the base weights are frozen and only the adapters train; they come from
+    checkpoint.init_from, which training needs and which checkpoints (the adapters alone) read
+    again at every start (docs/wan.md)."""
     alpha: Optional[float] = None
     """LoRA scale numerator: the adapters' product is scaled by alpha / rank. None: alpha = rank."""
     targets: list[str] = field(default_factory=lambda: ["attn.to_q", "attn.to_k", "attn.to_v", "attn.proj", "cross_attn.to_q",

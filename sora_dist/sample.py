@@ -128,7 +128,7 @@ def load_for_sampling(path: Path, raw: bool, dev) -> tuple[Config, VideoDiT, str
     without final weights (its newest complete checkpoint). Returns (config, model, source)."""
     from safetensors.torch import load_file
 
-    from sora_dist.build import build_single_device_model
+    from sora_dist.build import build_single_device_model, frozen_base_reader
     from sora_dist.checkpoint import load_weights_for_export, newest_complete, verify
 
     path = Path(path)
@@ -148,7 +148,8 @@ def load_for_sampling(path: Path, raw: bool, dev) -> tuple[Config, VideoDiT, str
             raise ConfigError(f"{path} is not a complete, undamaged checkpoint: {'; '.join(problems)}")
         cfg = load_config(path / "config.yaml")
         model = build_single_device_model(cfg, cfg.model.in_channels, cfg.model.text_dim, torch.device("cpu"))
-        used = load_weights_for_export(path, model, ema=not raw)
+        base = frozen_base_reader(cfg, model.cfg, {name: t.shape for name, t in model.state_dict().items()})
+        used = load_weights_for_export(path, model, ema=not raw, base=base)
         return cfg, model.to(dev.torch_device), f"{path} ({used} weights)"
     cfg = load_config(path / "config.yaml")
     model = build_single_device_model(cfg, cfg.model.in_channels, cfg.model.text_dim, dev.torch_device)

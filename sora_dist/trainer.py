@@ -51,19 +51,20 @@ HEALTH_CHECK_MIB_CPU, HEALTH_CHECK_MIB_ACCELERATOR = 1, 64
 
 
 class EMA:
-    """fp32 exponential moving average of the weights (sharded like them), with DiT-style
-    warm-up of the decay."""
+    """fp32 exponential moving average of the trained weights (sharded like them), with DiT-style
+    warm-up of the decay. Frozen weights (LoRA's base) are their own average and are not copied."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
         # Names as in the single-device model, so checkpoints load across layouts.
-        self.shadow = {_clean(name): p.detach().float().clone() for name, p in model.named_parameters()}
+        self.shadow = {_clean(name): p.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
         for name, p in model.named_parameters():
-            self.shadow[_clean(name)].lerp_(p.detach().float(), 1 - decay)
+            if p.requires_grad:
+                self.shadow[_clean(name)].lerp_(p.detach().float(), 1 - decay)
 
 
 
@@ -149,6 +150,9 @@ def build_run(cfg: Config, dev, world_size: int, rank: int) -> tuple[Run, object
     would not fit on disk and unhealthy ranks or links all stop the run here, before the first step."""
     distributed = world_size > 1
     refuse_image_conditioning(preset_sizes(cfg.model.preset).get("image_dim"), "train")  # image conditioning is a preset's
+    if cfg.lora.rank and not cfg.checkpoint.init_from:
+        raise ConfigError(f"lora.rank={cfg.lora.rank} trains adapters on pretrained weights: set checkpoint.init_from (a Wan folder or "
+                          "a .safetensors from `sora-dist export`); LoRA checkpoints hold the adapters alone and read the base from it")
     out_dir = Path(cfg.train.out_dir)
     if rank == 0 and (warning := shared_store_warning()):
         log.warning(warning)
@@ -162,7 +166,7 @@ def build_run(cfg: Config, dev, world_size: int, rank: int) -> tuple[Run, object
         stack = build_stack(cfg, dev, model_cfg, world_size)
     except ConfigError as err:
         raise explain_layout_error(err, world_size, cfg.parallel) from None
-    one_checkpoint = checkpoint_bytes(model_cfg, cfg.optim.ema_decay > 0)
+    one_checkpoint = checkpoint_bytes(stack.model, cfg.optim.ema_decay > 0)
     if saves_enabled(cfg.checkpoint):
         check_checkpoint_space(checkpoint_dir(cfg.checkpoint, out_dir), one_checkpoint, cfg.checkpoint.keep_last)
     if distributed and cfg.fault.health_check:
@@ -194,9 +198,11 @@ def build_run(cfg: Config, dev, world_size: int, rank: int) -> tuple[Run, object
     return run, model_cfg
 
 
-def checkpoint_bytes(model_cfg, with_ema: bool) -> int:
-    """Bytes of one checkpoint of the whole run: fp32 weights, AdamW's two moments and the EMA."""
-    return count_parameters(model_cfg) * FP32_BYTES * (3 + int(with_ema))
+def checkpoint_bytes(model: torch.nn.Module, with_ema: bool) -> int:
+    """Bytes of one checkpoint of the whole run: the fp32 trained weights (all of them, or LoRA's
+    adapters), AdamW's two moments and the EMA."""
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)  # a DTensor counts its global size
+    return trained * FP32_BYTES * (3 + int(with_ema))
 
 
 def health_check_bytes(fault, dev) -> int:
@@ -292,8 +298,10 @@ def _final_weights(run: Run) -> tuple[Optional[dict], Optional[dict]]:
 
 
 def _ema_weights(run: Run) -> Optional[dict]:
-    """The EMA weights whole on rank 0 (every rank joins), with the model's buffers; None elsewhere."""
-    return _with_buffers(run.model, gather_to_rank0(run.ema.shadow))
+    """The EMA weights whole on rank 0 (every rank joins), with the frozen weights and the model's
+    buffers; None elsewhere."""
+    frozen = {_clean(name): p for name, p in run.model.named_parameters() if not p.requires_grad}
+    return _with_buffers(run.model, gather_to_rank0({**frozen, **run.ema.shadow}))
 
 
 def _with_buffers(model: torch.nn.Module, weights: Optional[dict]) -> Optional[dict]:

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -23,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from sora_dist.checkpoint.files import SafeLoadPlanner, SafeReader, read_metadata
-from sora_dist.errors import ConfigError
+from sora_dist.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("sora_dist")
 
@@ -68,6 +69,9 @@ class TrainState:
 
     def __init__(self, model, optimizer, scheduler, ema, loader, generator, dp_rank: int, dp_group, world_size: int, deepspeed=None):
         self.model, self.optimizer, self.scheduler, self.ema = model, optimizer, scheduler, ema
+        # LoRA: the frozen base never changes and is read again from checkpoint.init_from at every
+        # start, so a checkpoint holds the adapters (with the buffers, optimizer, EMA, data position) alone.
+        self.trainable_only = any(not p.requires_grad for p in model.parameters())
         self.loader, self.generator, self.deepspeed = loader, generator, deepspeed
         self.dp_rank, self.dp_group, self.world_size = dp_rank, dp_group, world_size
         self.step = 0
@@ -81,7 +85,7 @@ class TrainState:
 
     def dcp_state_dict(self) -> dict:
         payload = {
-            "model": get_model_state_dict(self.model),
+            "model": get_model_state_dict(self.model, options=StateDictOptions(ignore_frozen_params=self.trainable_only)),
             "optim": get_optimizer_state_dict(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "train": self.counters(),
@@ -91,7 +95,7 @@ class TrainState:
         return payload
 
     def set_dcp_state_dict(self, payload: dict) -> None:
-        set_model_state_dict(self.model, payload["model"])
+        set_model_state_dict(self.model, payload["model"], options=StateDictOptions(strict=not self.trainable_only))
         set_optimizer_state_dict(self.model, self.optimizer, payload["optim"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.set_counters(payload["train"])
@@ -130,18 +134,23 @@ def gather_to_rank0(tensors: dict[str, torch.Tensor]) -> Optional[dict[str, torc
     return whole_on_rank0 if rank() == 0 else None
 
 
-def load_weights_for_export(path: Path, model: torch.nn.Module, ema: bool) -> str:
+def load_weights_for_export(path: Path, model: torch.nn.Module, ema: bool, base: Optional[Reader] = None) -> str:
     """Fill a single-device model from a DCP checkpoint (no process group needed); returns
-    which weights were used ('ema' or 'model')."""
-    read, use = weight_reader(path, {name: t.shape for name, t in model.state_dict().items()}, ema)
+    which weights were used ('ema' or 'model'). ``base``: see ``weight_reader``."""
+    read, use = weight_reader(path, {name: t.shape for name, t in model.state_dict().items()}, ema, base)
     model.load_state_dict(read(list(model.state_dict())))
     return use
 
 
-def weight_reader(path: Path, shapes: dict[str, torch.Size], ema: bool) -> tuple[Callable[[list[str]], dict[str, torch.Tensor]], str]:
+Reader = Callable[[list[str]], dict[str, torch.Tensor]]
+"""names -> whole tensors."""
+
+
+def weight_reader(path: Path, shapes: dict[str, torch.Size], ema: bool, base: Optional[Reader] = None) -> tuple[Reader, str]:
     """(read, which): ``read(names)`` loads those whole fp32 tensors alone from a DCP checkpoint
     (no process group needed), the EMA weights if asked and saved, else the raw ones ('ema' or
-    'model'). Reading a few at a time bounds memory by their size, not the model's."""
+    'model'). Reading a few at a time bounds memory by their size, not the model's. A LoRA
+    checkpoint holds no frozen base weight: those come from ``base`` (the run's checkpoint.init_from)."""
     saved = set(read_metadata(path).state_dict_metadata)
     has_ema = any(key.startswith("ema.") for key in saved)
     use = "ema" if ema and has_ema else "model"
@@ -151,10 +160,16 @@ def weight_reader(path: Path, shapes: dict[str, torch.Size], ema: bool) -> tuple
     def read(names: list[str]) -> dict[str, torch.Tensor]:
         # Buffers (the empty-prompt states) have no EMA: they come from the model's state.
         target: dict[str, dict[str, torch.Tensor]] = {"ema": {}, "model": {}}
+        frozen = [name for name in names if f"model.{name}" not in saved]
+        if frozen and base is None:
+            raise CheckpointError(f"{path} holds LoRA adapters without their frozen base ({frozen[0]}, ...): "
+                                  "its run's checkpoint.init_from must still exist to read the base weights from")
         for name in names:
-            target[use if f"{use}.{name}" in saved else "model"][name] = torch.empty(shapes[name])
-        with single_process_ok():
-            dcp.load({k: v for k, v in target.items() if v}, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
-        return {**target["model"], **target["ema"]}
+            if name not in frozen:
+                target[use if f"{use}.{name}" in saved else "model"][name] = torch.empty(shapes[name])
+        if target["model"] or target["ema"]:
+            with single_process_ok():
+                dcp.load({k: v for k, v in target.items() if v}, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
+        return {**(base(frozen) if frozen else {}), **target["model"], **target["ema"]}
 
     return read, use

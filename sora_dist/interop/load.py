@@ -15,14 +15,14 @@ import json
 import logging
 import struct
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch.distributed.tensor import DTensor
 
 from sora_dist.errors import SoraDistError
 from sora_dist.models.lora import base_name, is_adapter
-from sora_dist.interop.wan import DIFFUSERS_CLASS, TensorMap, diffusers_name, read_config, tensor_maps, transformer_folder, wan_model_options
+from sora_dist.interop.wan import DIFFUSERS_CLASS, TensorMap, diffusers_name, read_config, tensor_maps, to_ours, transformer_folder, wan_model_options
 
 log = logging.getLogger("sora_dist")
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -133,6 +133,38 @@ def load_wan(model: torch.nn.Module, path: str | Path) -> dict:
             local.copy_(read_local(handle, stored, tmap, tuple(param.shape), tuple(local.shape), offset))
     log.info("loaded %d Wan tensors from %s", len(maps), folder)
     return config
+
+
+def initial_weights_reader(init_from: str, cfg, shapes: dict[str, torch.Size]) -> Callable[[list[str]], dict[str, torch.Tensor]]:
+    """``read(names)``: whole tensors of a model (names as in its state, LoRA's ``base_layer`` too)
+    from the weights a run started from, a Wan folder or a safetensors file written by `sora-dist
+    export`: the frozen base of a LoRA checkpoint, which holds the adapters alone."""
+    from safetensors import safe_open
+
+    path = Path(init_from)
+    if not path.exists():
+        raise SoraDistError(f"{path}, the weights this LoRA run started from (checkpoint.init_from), does not exist: its "
+                            "checkpoints hold the adapters alone, so the base must be where it was")
+    if path.is_file():
+        def read_file(names: list[str]) -> dict[str, torch.Tensor]:
+            with safe_open(str(path), framework="pt") as handle:
+                return {name: handle.get_tensor(base_name(name)).float() for name in names}
+        return read_file
+    folder = transformer_folder(path)
+    config, original = read_config(folder)
+    check_matches(config, cfg)
+    files = weight_files(folder, original)
+    maps = {m.ours: m for m in tensor_maps(cfg)}
+
+    def read_wan(names: list[str]) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for name in names:
+            tmap = maps[base_name(name)]
+            file, stored = files[tmap.theirs]
+            with safe_open(str(file), framework="pt") as handle:
+                tensors[name] = to_ours(handle.get_tensor(stored), tmap, tuple(shapes[name])).float()
+        return tensors
+    return read_wan
 
 
 def check_matches(config: dict, cfg) -> None:

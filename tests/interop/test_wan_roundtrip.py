@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("diffusers")
 
 from sora_dist import trainer  # noqa: E402
-from sora_dist.build import build_single_device_model  # noqa: E402
+from sora_dist.build import build_single_device_model, frozen_base_reader  # noqa: E402
 from sora_dist.checkpoint import load_weights_for_export, newest_complete  # noqa: E402
 from sora_dist.cli import main  # noqa: E402
 from sora_dist.config import load_config  # noqa: E402
@@ -165,13 +165,13 @@ def test_a_missing_or_extra_tensor_is_named(folder_and_model):
         load_wan(model, folder)
 
 
-def train_lora(root: Path, run: Path, steps: int, lora: list[str]) -> Path:
-    """A LoRA fine-tune of the fixture's imported Wan with the shipped 1.3B config; its run folder."""
+def train_lora(root: Path, run: Path, steps: int, lora: list[str], base: Path | None = None) -> Path:
+    """A LoRA fine-tune of the fixture's imported Wan (or of ``base``) with the shipped 1.3B config; its run folder."""
     trainer.train(load_config(REPO / "configs" / "wan2.1_t2v_1.3b.yaml", [
         f"--data.path={root / 'data'}", f"--train.out_dir={run}", "--data.num_workers=0", "--train.max_minutes=0",
         "--logging.tensorboard=false", f"--train.steps={steps}", "--logging.log_every=1", f"--checkpoint.every_steps={steps}",
         "--checkpoint.async_save=false", "--optim.warmup_steps=1", "--optim.lr=1e-2", "--train.sample_shape=[2,8,8]",
-        "--parallel.activation_checkpointing=none", f"--checkpoint.init_from={root / 'pipeline'}", *lora, *WAN_MODEL]))
+        "--parallel.activation_checkpointing=none", f"--checkpoint.init_from={base or root / 'pipeline'}", *lora, *WAN_MODEL]))
     return run
 
 
@@ -194,11 +194,37 @@ def test_lora_fine_tuning_trains_the_adapters_alone_and_exports_merged(finetuned
     assert final["blocks.0.attn.to_q.lora_B.default.weight"].abs().max() > 0  # trained from zero
     assert "blocks.0.attn.to_v.lora_A.default.weight" not in final  # only the targets carry adapters
 
-    checkpoint = newest_complete(run / "checkpoints")
+    checkpoint = newest_complete(run / "checkpoints")  # the adapters alone: export reads the base from checkpoint.init_from
     assert main(["export", str(checkpoint), "--format", "diffusers", "--dtype", "fp32", "--raw", "--out", str(tmp_path / "export")]) == 0
-    ours = build_single_device_model(load_config(checkpoint / "config.yaml"), 4, 32, torch.device("cpu"))
-    load_weights_for_export(checkpoint, ours, ema=False)
+    ours = adapted_from_checkpoint(checkpoint)
     assert difference_from_diffusers(ours, WanTransformer3DModel.from_pretrained(tmp_path / "export")) <= 1e-5
+
+
+def adapted_from_checkpoint(checkpoint: Path):
+    """A LoRA checkpoint's model in one process: the adapters from the checkpoint, the base from the run's init_from."""
+    cfg = load_config(checkpoint / "config.yaml")
+    ours = build_single_device_model(cfg, 4, 32, torch.device("cpu"))
+    base = frozen_base_reader(cfg, ours.cfg, {name: t.shape for name, t in ours.state_dict().items()})
+    load_weights_for_export(checkpoint, ours, ema=False, base=base)
+    return ours
+
+
+def test_a_lora_checkpoint_whose_base_is_gone_is_refused_in_one_line(finetuned, tmp_path, caplog):
+    """The checkpoint holds the adapters alone: without the base it was trained on, export stops
+    with one line naming the missing folder, and reading it without a base names the problem."""
+    import logging
+
+    root, _, _ = finetuned
+    base = shutil.copytree(root / "pipeline", tmp_path / "base")
+    checkpoint = newest_complete(train_lora(root, tmp_path / "lora", 1, ["--lora.rank=2", "--lora.targets=[attn.to_q]"], base) / "checkpoints")
+    ours = build_single_device_model(load_config(checkpoint / "config.yaml"), 4, 32, torch.device("cpu"))
+    with pytest.raises(SoraDistError, match="holds LoRA adapters without their frozen base"):
+        load_weights_for_export(checkpoint, ours, ema=False)
+    base.rename(tmp_path / "moved")
+    caplog.set_level(logging.ERROR, logger="sora_dist")
+    assert main(["export", str(checkpoint), "--format", "diffusers", "--out", str(tmp_path / "export")]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and f"{base}, the weights this LoRA run started from" in errors[0], errors
 
 
 def test_lora_adapters_export_alone_in_diffusers_lora_format(finetuned, tmp_path):
@@ -211,8 +237,7 @@ def test_lora_adapters_export_alone_in_diffusers_lora_format(finetuned, tmp_path
     checkpoint = newest_complete(run / "checkpoints")
     assert main(["export", str(checkpoint), "--format", "diffusers", "--lora-only", "--dtype", "fp32", "--raw",
                  "--out", str(tmp_path / "adapters")]) == 0
-    ours = build_single_device_model(load_config(checkpoint / "config.yaml"), 4, 32, torch.device("cpu"))
-    load_weights_for_export(checkpoint, ours, ema=False)
+    ours = adapted_from_checkpoint(checkpoint)
     theirs = WanTransformer3DModel.from_pretrained(root / "pipeline" / "transformer")
     before = difference_from_diffusers(ours, theirs)
     theirs.load_lora_adapter(str(tmp_path / "adapters" / "pytorch_lora_weights.safetensors"), prefix="transformer")
