@@ -553,8 +553,6 @@ def _validate_lora(cfg: Config) -> None:
     _require(0.0 <= lora.dropout < 1.0, f"lora.dropout={lora.dropout} must be in [0, 1)")
     if lora.rank:
         _require(bool(lora.targets), "lora.targets is empty: name the block layers that get adapters, e.g. [attn.to_q, attn.to_k]")
-        _require(cfg.parallel.tp == 1, f"lora.rank={lora.rank} with parallel.tp={cfg.parallel.tp}: adapters under tensor parallelism are "
-                                       "not supported yet; use FSDP with sp_ulysses / sp_ring")
         _require(cfg.parallel.engine in ("fsdp", "ddp"), f"lora.rank={lora.rank} with parallel.engine={cfg.parallel.engine}: "
                                                           "adapters train under fsdp or ddp")
 

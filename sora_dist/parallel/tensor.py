@@ -14,7 +14,7 @@ from fnmatch import fnmatch
 
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel, parallelize_module
 
 TP_PLAN = {
     "blocks.*.attn.to_q": ColwiseParallel(),
@@ -40,9 +40,33 @@ TP_PLAN = {
 }
 
 
+def resolved_plan(model: nn.Module) -> dict[str, ParallelStyle]:
+    """TP_PLAN on ``model``'s own module names. Entries that name no module are dropped (a model
+    without image conditioning has no image projections). A layer carrying LoRA adapters (peft's
+    wrapper: ``base_layer``, ``lora_A``, ``lora_B``) is split as its base is: column-parallel
+    shards the base and B by output rows and keeps A whole (its input is whole); row-parallel
+    shards the base and A by input columns (A's output is then summed over the ranks) and keeps B
+    whole. Either way the adapter's output is laid out as the base layer's, so they add."""
+    plan: dict[str, ParallelStyle] = {}
+    for name, module in model.named_modules():
+        style = next((style for path, style in TP_PLAN.items() if fnmatch(name, path)), None)
+        if style is None:
+            continue
+        if not hasattr(module, "base_layer"):
+            plan[name] = style
+            continue
+        plan[f"{name}.base_layer"] = style
+        adapter = {ColwiseParallel: "lora_B", RowwiseParallel: "lora_A"}[type(style)]
+        for key in getattr(module, adapter):
+            plan[f"{name}.{adapter}.{key}"] = type(style)()
+    return plan
+
+
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
-    """The plan's entries that name modules of ``model`` (a model without image conditioning has
-    no image projections), applied."""
-    names = [name for name, _ in model.named_modules()]
-    plan = {path: style for path, style in TP_PLAN.items() if any(fnmatch(name, path) for name in names)}
-    parallelize_module(model, tp_mesh, plan)
+    """The plan applied. parallelize_module re-creates each parameter it distributes as a new
+    nn.Parameter, which requires grad: frozen ones (LoRA's base) are frozen again."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    parallelize_module(model, tp_mesh, resolved_plan(model))
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)

@@ -35,7 +35,8 @@ from sora_dist.parallel import (
 )
 
 CFG = DiTConfig(in_channels=4, text_dim=16, hidden_size=64, depth=2, num_heads=4, patch_size=(1, 2, 2))
-MODELS = {"base": CFG, "all_heads_qk_norm": replace(CFG, qk_norm_scope="all_heads")}  # a layout's "model" names one
+MODELS = {"base": CFG, "all_heads_qk_norm": replace(CFG, qk_norm_scope="all_heads"), "lora": CFG}  # a layout's "model" names one
+LORA_RANK = 4  # "lora": adapters on every block layer (the base frozen), A and B both random
 GLOBAL_BATCH = 4
 LR, CLIP = 0.5, 0.05
 # name: (latent shape, one timestep per frame); 32, 15 and 27 tokens
@@ -48,6 +49,7 @@ LAYOUTS = {
         "ddp": dict(engine="ddp"),
         "tp2": dict(tp=2),
         "tp2_all_heads_qk_norm": dict(tp=2, model="all_heads_qk_norm"),
+        "tp2_lora": dict(tp=2, model="lora"),
         "ulysses2": dict(sp_ulysses=2),
         "ring2": dict(sp_ring=2),
         "zero1": dict(engine="deepspeed", zero_stage=1),
@@ -62,6 +64,7 @@ LAYOUTS = {
         "tp2_ulysses2": dict(tp=2, sp_ulysses=2),
         "tp2_ulysses2_all_heads_qk_norm": dict(tp=2, sp_ulysses=2, model="all_heads_qk_norm"),
         "fsdp2_tp2": dict(tp=2),
+        "fsdp2_tp2_lora": dict(tp=2, model="lora"),
         "fsdp2_ulysses2": dict(sp_ulysses=2, activation_checkpointing="full"),
         "fsdp2_ring2": dict(sp_ring=2, activation_checkpointing="selective"),
         "ring4": dict(sp_ring=4),
@@ -85,9 +88,18 @@ def make_batch(shape, seed, per_frame_t=False):
     return x, t, text, mask, target
 
 
-def initial_state(model_cfg: DiTConfig):
+def build(model_name: str) -> VideoDiT:
+    model = VideoDiT(MODELS[model_name])
+    if model_name == "lora":
+        from sora_dist.models.lora import TARGETS, add_lora
+
+        add_lora(model, LORA_RANK, 2.0 * LORA_RANK, list(TARGETS))
+    return model
+
+
+def initial_state(model_name: str):
     torch.manual_seed(0)
-    model = VideoDiT(model_cfg)
+    model = build(model_name)
     with torch.no_grad():  # random everywhere: zero-initialized layers would hide mistakes
         for p in model.parameters():
             p.normal_(0, 0.1)
@@ -104,8 +116,8 @@ def full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def reference_run(model_cfg, state, batches):
-    model = VideoDiT(model_cfg)
+def reference_run(model_name, state, batches):
+    model = build(model_name)
     model.load_state_dict(state)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     losses, grads, norms = [], None, []
@@ -113,7 +125,7 @@ def reference_run(model_cfg, state, batches):
         loss = F.mse_loss(model(x, t, text, mask), target)
         loss.backward()
         if grads is None:
-            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item())
         opt.step()
         opt.zero_grad()
@@ -121,8 +133,8 @@ def reference_run(model_cfg, state, batches):
     return losses, grads, norms, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def parallel_run(model_cfg, cfg, dims, mesh, state, batches, world_size):
-    model = VideoDiT(model_cfg)
+def parallel_run(model_name, cfg, dims, mesh, state, batches, world_size):
+    model = build(model_name)
     model.load_state_dict(state)
     apply_model_parallel(model, cfg, dims, mesh)
     if dims.engine == "fsdp":
@@ -145,6 +157,8 @@ def parallel_run(model_cfg, cfg, dims, mesh, state, batches, world_size):
         if grads is None:
             grads = {}
             for name, p in model.named_parameters():
+                if not p.requires_grad:
+                    continue
                 if dims.engine == "deepspeed":
                     from deepspeed.utils import safe_get_full_grad
 
@@ -226,15 +240,15 @@ def main():
         model_name = layout.pop("model", "base")
         model_cfg = MODELS[model_name]
         if model_name not in states:
-            states[model_name] = initial_state(model_cfg)
-            references[model_name] = {kind: reference_run(model_cfg, states[model_name], batches[kind]) for kind in BATCHES}
+            states[model_name] = initial_state(model_name)
+            references[model_name] = {kind: reference_run(model_name, states[model_name], batches[kind]) for kind in BATCHES}
         cfg = ParallelConfig(**layout)
         dims = resolve_dims(cfg, world_size, model_cfg)
         mesh = build_mesh(dims, "cpu")  # one mesh (and its process groups) per layout, for every batch kind
         for kind in BATCHES:
             ref_losses, ref_grads, ref_norms, ref_params = references[model_name][kind]
             try:
-                losses, grads, norms, params = parallel_run(model_cfg, cfg, dims, mesh, states[model_name], batches[kind], world_size)
+                losses, grads, norms, params = parallel_run(model_name, cfg, dims, mesh, states[model_name], batches[kind], world_size)
             except Exception as err:  # report, so the test names the layout
                 results[name][kind] = {"error": f"{type(err).__name__}: {err}"}
                 continue
@@ -244,6 +258,7 @@ def main():
                 "grad": max(rel(grads[n], g) for n, g in ref_grads.items()),
                 "worst_grad": max(ref_grads, key=lambda n: rel(grads[n], ref_grads[n])),
                 "param": max(rel(params[n], p) for n, p in ref_params.items()),
+                "worst_param": max(ref_params, key=lambda n: rel(params[n], ref_params[n])),
             }
     if only is None or "_kept_in_fp32" in only:
         results["_kept_in_fp32"] = parameter_dtypes_under_bf16(world_size)
