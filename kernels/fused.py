@@ -116,7 +116,7 @@ class _ModulatedLayerNorm(torch.autograd.Function):
         dx = torch.empty_like(x)
         k._modulated_ln_bwd[(b * n,)](dy, x, scale, mean, rstd, dx, n, d, BLOCK=k.block_for(d))
         xhat = (x.float() - mean.view(b, n, 1)) * rstd.view(b, n, 1)
-        return dx, dy.sum(1), (dy.float() * xhat).sum(1).to(scale.dtype), None
+        return dx, dy.float().sum(1).to(scale.dtype), (dy.float() * xhat).sum(1).to(scale.dtype), None
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -187,8 +187,9 @@ class _GatedResidual(torch.autograd.Function):
 
 
 def modulated_layer_norm(x, shift, scale, eps: float = 1e-6):
-    """(B, N, D) x, (B, D) shift and scale."""
-    if _use("triton", x, shift, scale) and shift.dtype == scale.dtype == x.dtype:
+    """(B, N, D) x, (B, D) shift and scale, possibly wider than x (Wan's fp32 modulation of bf16
+    activations): the Triton kernel computes in fp32 whatever they are and returns x's dtype."""
+    if _use("triton", x, shift, scale):
         return _ModulatedLayerNorm.apply(x, shift, scale, eps)
     return reference_modulated_layer_norm(x, shift, scale, eps)
 

@@ -46,6 +46,26 @@ def test_modulated_layer_norm(backend, shape):
     check(fused.modulated_layer_norm, fused.reference_modulated_layer_norm, [3 * rand(b, n, d, seed=1) + 1, rand(b, d, seed=2), rand(b, d, seed=3)])
 
 
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_modulated_layer_norm_takes_wider_modulation(backend):
+    """Wan's modulation is fp32 under bf16 activations: here fp64 modulation of fp32 x (the
+    interpreter computes fp32 only) runs the kernel, not the reference, and the output and x's
+    gradient keep x's dtype, the modulation's gradients its own."""
+    from unittest import mock
+
+    x, shift, scale = 3 * rand(2, 7, 48, seed=1) + 1, rand(2, 48, seed=2).double(), rand(2, 48, seed=3).double()
+    with mock.patch.object(fused, "reference_modulated_layer_norm", side_effect=AssertionError("fell back")):
+        leaves = [t.clone().requires_grad_() for t in (x, shift, scale)]
+        out = fused.modulated_layer_norm(*leaves)
+        grads = torch.autograd.grad(out, leaves, rand(2, 7, 48, seed=4))
+    assert out.dtype == torch.float32 and [g.dtype for g in grads] == [torch.float32, torch.float64, torch.float64]
+    ref_leaves = [t.clone().requires_grad_() for t in (x, shift, scale)]
+    expected = fused.reference_modulated_layer_norm(*ref_leaves)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, torch.autograd.grad(expected, ref_leaves, rand(2, 7, 48, seed=4))):
+        torch.testing.assert_close(got, want.to(got.dtype), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("backend", ["triton", "npu"], indirect=True)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_rms_norm(backend, shape):
