@@ -47,6 +47,25 @@ def test_modulated_layer_norm(shape, dtype):
     check(fused.modulated_layer_norm, fused.reference_modulated_layer_norm, [3 * rand(b, n, d, seed=1) + 1, rand(b, d, seed=2), rand(b, d, seed=3)], dtype)
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_modulated_layer_norm_of_bf16_with_fp32_modulation(shape):
+    """Wan's setting: bf16 activations, fp32 modulation tables. Output and x's gradient in bf16,
+    the modulation's gradients in fp32, against the fp32 reference."""
+    fused.set_fused_backend("triton")
+    b, n, d = shape
+    leaves = [(3 * rand(b, n, d, seed=1) + 1).bfloat16().requires_grad_(), rand(b, d, seed=2).requires_grad_(), rand(b, d, seed=3).requires_grad_()]
+    out = fused.modulated_layer_norm(*leaves)
+    exact = [t.detach().float().requires_grad_() for t in leaves]
+    expected = fused.reference_modulated_layer_norm(*exact)
+    grad = torch.randn_like(expected)
+    got = torch.autograd.grad(out, leaves, grad.bfloat16())
+    want = torch.autograd.grad(expected, exact, grad)
+    assert out.dtype == torch.bfloat16 and relative_error(out, expected) < TOLERANCE[torch.bfloat16]
+    assert [g.dtype for g in got] == [torch.bfloat16, torch.float32, torch.float32]
+    for g, w in zip(got, want):
+        assert relative_error(g, w) < TOLERANCE[torch.bfloat16]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_rms_norm(shape, dtype):
