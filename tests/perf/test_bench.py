@@ -3,6 +3,8 @@ asserted on time here) and report every number they promise."""
 
 import json
 
+import pytest
+
 from sora_dist.cli import main
 
 
@@ -13,6 +15,21 @@ def test_train_benchmark_reports_step_time_throughput_and_memory(tmp_path, capsy
     assert r["tokens_per_sample"] == 2 * 4 * 4 and r["step_s_median"] > 0 and r["tokens_per_s_per_device"] > 0
     assert r["mfu"] is None  # a CPU has no known peak: no MFU claim
     assert r["mem_peak_gib"] > 0 and "step time (median)" in capsys.readouterr().out
+
+
+def test_train_benchmark_runs_an_image_conditioned_wan_preset(tmp_path):
+    """FLF2V (shrunk): the step reads the preset's 36 channels and its 2 x 257 CLIP image tokens,
+    and the FLOPs counted are that model's."""
+    from sora_dist.config import ModelConfig, resolve_model_config
+    from sora_dist.models import train_flops
+
+    out, shrink = tmp_path / "train.json", ["--model.hidden_size=48", "--model.depth=1", "--model.num_heads=4", "--model.ffn_dim=64"]
+    assert main(["bench-train", "--preset", "wan2.1-flf2v-14b", "--latent", "2", "4", "4", "--text-len", "8", "--steps", "1", "--warmup", "0",
+                 "--json", str(out), *shrink]) == 0
+    r = json.loads(out.read_text())
+    assert (r["model"]["in_channels"], r["model"]["out_channels"], r["model"]["image_len"]) == (36, 16, 514)
+    cfg = resolve_model_config(ModelConfig(preset="wan2.1-flf2v-14b", hidden_size=48, depth=1, num_heads=4, ffn_dim=64), 16, 4096)
+    assert r["tflops_per_device"] * 1e12 * r["step_s_median"] == pytest.approx(train_flops(cfg, (2, 4, 4), 8), rel=1e-6)
 
 
 def test_checkpoint_benchmark_reports_sizes_times_and_overheads(tmp_path, capsys):
