@@ -116,11 +116,8 @@ def load_wan(model: torch.nn.Module, path: str | Path) -> dict:
     the folder's config."""
     from safetensors import safe_open
 
-    folder = transformer_folder(path)
-    config, original = read_config(folder)
-    check_matches(config, model.cfg)
+    config, folder, files = open_wan(path, model.cfg)
     maps = tensor_maps(model.cfg)
-    files = weight_files(folder, original)
     check_tensors(files, maps)
     params = {base_name(n): p for n, p in model.named_parameters() if not is_adapter(n)}  # LoRA: the frozen base
     for tmap in maps:
@@ -150,10 +147,7 @@ def initial_weights_reader(init_from: str, cfg, shapes: dict[str, torch.Size]) -
             with safe_open(str(path), framework="pt") as handle:
                 return {name: handle.get_tensor(base_name(name)).float() for name in names}
         return read_file
-    folder = transformer_folder(path)
-    config, original = read_config(folder)
-    check_matches(config, cfg)
-    files = weight_files(folder, original)
+    _, _, files = open_wan(path, cfg)
     maps = {m.ours: m for m in tensor_maps(cfg)}
 
     def read_wan(names: list[str]) -> dict[str, torch.Tensor]:
@@ -165,6 +159,15 @@ def initial_weights_reader(init_from: str, cfg, shapes: dict[str, torch.Size]) -
                 tensors[name] = to_ours(handle.get_tensor(stored), tmap, tuple(shapes[name])).float()
         return tensors
     return read_wan
+
+
+def open_wan(path: str | Path, cfg) -> tuple[dict, Path, dict[str, tuple[Path, str]]]:
+    """(its diffusers config, the transformer folder, ``weight_files``) of a Wan folder whose
+    config matches the model's."""
+    folder = transformer_folder(path)
+    config, original = read_config(folder)
+    check_matches(config, cfg)
+    return config, folder, weight_files(folder, original)
 
 
 def check_matches(config: dict, cfg) -> None:

@@ -30,6 +30,7 @@ import torch
 
 from sora_dist.errors import SoraDistError
 from sora_dist.models.dit import TIMESTEP_FREQ_DIM, DiTConfig
+from sora_dist.models.flops import IMAGE_TOKENS
 
 DIFFUSERS_CLASS = "WanTransformer3DModel"
 QK_NORM = "rms_norm_across_heads"
@@ -102,8 +103,6 @@ def diffusers_name(original: str) -> str:
 
 CLIP_IMAGE_DIM = 1280
 """Width of the CLIP ViT-H/14 image tokens Wan 2.1's I2V and FLF2V models read (fixed in the original code)."""
-CLIP_IMAGE_TOKENS = 257
-"""Tokens per image (256 patches and the class token); FLF2V's position table covers two images."""
 
 
 def original_config(config: dict) -> dict:
@@ -114,7 +113,7 @@ def original_config(config: dict) -> dict:
     dim = config["dim"]
     image = {"image_dim": CLIP_IMAGE_DIM, "added_kv_proj_dim": dim} if model_type in ("i2v", "flf2v") else {}
     if model_type == "flf2v":
-        image["pos_embed_seq_len"] = 2 * CLIP_IMAGE_TOKENS
+        image["pos_embed_seq_len"] = 2 * IMAGE_TOKENS  # FLF2V's position table covers two images
     return {**image, "_class_name": DIFFUSERS_CLASS, "patch_size": config.get("patch_size", [1, 2, 2]),
             "num_attention_heads": config["num_heads"], "attention_head_dim": config["dim"] // config["num_heads"],
             "in_channels": config["in_dim"], "out_channels": config["out_dim"], "text_dim": config["text_dim"],
